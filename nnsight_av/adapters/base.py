@@ -1,0 +1,199 @@
+"""The adapter: everything nnsight-av needs to know about one model family.
+
+An adapter is a small declarative class. It names where each module role lives
+(several candidate paths, since transformers moves them between versions), which
+config attributes hold the special token ids, how media spans are laid out, the
+known sink dimensions, and how to load the thinker and its processor. Nothing
+outside an adapter spells a module path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+
+from ..errors import AdapterError
+from ..spans import LayoutTokens, MediaLayout, Spans, parse_spans
+
+#: Module roles every adapter resolves, with what each must be.
+MODEL_ROLES = ("embed", "layers", "final_norm", "lm_head", "audio_encoder", "vision_encoder", "rotary")
+LAYER_ROLES = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+TOKEN_ROLES = ("audio", "video", "image", "audio_bos", "audio_eos", "vision_bos", "vision_eos")
+
+
+def resolve_path(root: torch.nn.Module, candidates: Sequence[str]) -> str | None:
+    """The first dotted path in ``candidates`` that exists under ``root``."""
+    for path in candidates:
+        module = root
+        for part in path.split(".") if path else []:
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if module is not None:
+            return path
+    return None
+
+
+def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    module = root
+    for part in path.split(".") if path else []:
+        module = getattr(module, part)
+    return module
+
+
+class Adapter:
+    """Base class; subclass it and fill in the class attributes.
+
+    Class attributes:
+        name: registry name (``nav.load(..., adapter=name)``).
+        model_types: ``config.model_type`` values this adapter handles.
+        roles: module role -> candidate dotted paths from the thinker root.
+        layer_roles: per-layer role -> candidate paths from a decoder layer.
+        token_config: token role -> candidate config attribute names.
+        sink_dims: hidden size -> known sink dimensions for that checkpoint size.
+        sink_tau: hidden size -> sink threshold tau.
+        default_system: system prompt the checkpoint was trained with.
+        processor_kwargs: defaults passed to the processor call.
+        layout: how media spans are laid out ("chunked": per-2s video then audio).
+    """
+
+    name: ClassVar[str] = "base"
+    model_types: ClassVar[tuple[str, ...]] = ()
+    roles: ClassVar[Mapping[str, Sequence[str]]] = {}
+    layer_roles: ClassVar[Mapping[str, Sequence[str]]] = {
+        "self_attn": ("self_attn",), "mlp": ("mlp",),
+        "input_layernorm": ("input_layernorm",), "post_attention_layernorm": ("post_attention_layernorm",),
+    }
+    token_config: ClassVar[Mapping[str, Sequence[str]]] = {}
+    sink_dims: ClassVar[Mapping[int, list[int]]] = {}
+    sink_tau: ClassVar[Mapping[int, float]] = {}
+    default_tau: ClassVar[float] = 25.0
+    default_system: ClassVar[str | None] = None
+    processor_kwargs: ClassVar[Mapping[str, Any]] = {}
+    layout: ClassVar[str] = "chunked"
+    sampling_rate: ClassVar[int] = 16000
+    video_fps: ClassVar[float] = 2.0
+
+    def __init__(self, module: torch.nn.Module, processor: Any = None) -> None:
+        self.module = module
+        self.processor = processor
+        self.paths: dict[str, str | None] = {role: resolve_path(module, cands) for role, cands in self.roles.items()}
+        missing = [role for role in ("embed", "layers", "final_norm", "lm_head") if not self.paths.get(role)]
+        if missing:
+            tried = "; ".join(f"{role}: {', '.join(self.roles.get(role, ())) or '(none)'}" for role in missing)
+            raise AdapterError(f"adapter {self.name!r} cannot find module role(s) {missing} in "
+                               f"{type(module).__name__} (tried {tried})")
+        first_layer = get_module(module, self.paths["layers"])[0]
+        self.layer_paths = {role: resolve_path(first_layer, c) for role, c in self.layer_roles.items()}
+        missing = [r for r in ("self_attn", "mlp", "input_layernorm") if not self.layer_paths.get(r)]
+        if missing:
+            raise AdapterError(f"adapter {self.name!r} cannot find layer role(s) {missing} in "
+                               f"{type(first_layer).__name__}")
+
+    # -- config --------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        return self.module.config
+
+    @property
+    def text_config(self) -> Any:
+        config = self.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def token_id(self, role: str) -> int:
+        """The id of special token ``role`` ("audio", "vision_bos", ...), read from the config."""
+        for attribute in self.token_config.get(role, ()):
+            value = getattr(self.config, attribute, None)
+            if value is not None:
+                return int(value)
+        raise AdapterError(f"adapter {self.name!r}: config has none of {list(self.token_config.get(role, ()))} "
+                           f"for the {role!r} token id")
+
+    def layout_tokens(self) -> LayoutTokens:
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        im_start = im_end = None
+        newline_ids: frozenset[int] = frozenset()
+        if tokenizer is not None:
+            vocab = tokenizer.get_vocab()
+            im_start, im_end = vocab.get("<|im_start|>"), vocab.get("<|im_end|>")
+            newline_ids = frozenset(i for t, i in vocab.items() if "\n" in tokenizer.convert_tokens_to_string([t]))
+        return LayoutTokens(**{r: self.token_id(r) for r in TOKEN_ROLES}, im_start=im_start, im_end=im_end,
+                            newline_ids=newline_ids)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(getattr(self.text_config, "num_key_value_heads", None) or self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(getattr(self.text_config, "head_dim", None) or self.hidden_size // self.num_heads)
+
+    def known_sink_dims(self) -> list[int] | None:
+        return self.sink_dims.get(self.hidden_size)
+
+    def tau(self) -> float:
+        return float(self.sink_tau.get(self.hidden_size, self.default_tau))
+
+    # -- media layout ----------------------------------------------------------
+    def media_layout(self, data: Mapping[str, Any]) -> MediaLayout:
+        """Counts of media tokens the processor output implies, in text order."""
+        raise NotImplementedError(f"adapter {self.name!r} does not describe its media layout")
+
+    def spans(self, input_ids: Sequence[int], data: Mapping[str, Any]) -> Spans:
+        return parse_spans(input_ids, self.layout_tokens(), self.media_layout(data))
+
+    # -- loading ---------------------------------------------------------------
+    @classmethod
+    def load_module(cls, path: str, **hf_kwargs: Any) -> torch.nn.Module:
+        raise NotImplementedError(f"adapter {cls.name!r} cannot load checkpoints")
+
+    @classmethod
+    def load_processor(cls, path: str) -> Any:
+        raise NotImplementedError(f"adapter {cls.name!r} cannot load processors")
+
+    # -- forward ---------------------------------------------------------------
+    def collate(self, items: list[Mapping[str, Any]], padding_side: str = "right", pad_id: int = 0) -> dict[str, Any]:
+        """Combine several prepared inputs into one forward's keyword arguments."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(adapter: type[Adapter]) -> type[Adapter]:
+    """Register ``adapter`` under its name and model types (usable as a decorator)."""
+    if not (isinstance(adapter, type) and issubclass(adapter, Adapter)):
+        raise AdapterError(f"register_adapter expects an Adapter subclass, got {adapter!r}")
+    _REGISTRY[adapter.name] = adapter
+    for model_type in adapter.model_types:
+        _REGISTRY[model_type] = adapter
+    return adapter
+
+
+def get_adapter(name_or_model_type: str) -> type[Adapter]:
+    from ..errors import UnknownModelError
+
+    try:
+        return _REGISTRY[name_or_model_type]
+    except KeyError:
+        known = sorted({a.name for a in _REGISTRY.values()})
+        raise UnknownModelError(
+            f"no adapter for model type {name_or_model_type!r}; registered adapters: {known}. "
+            "Write one (docs/adapters.md) and call nav.register_adapter(...).") from None
+
+
+def registered_adapters() -> dict[str, type[Adapter]]:
+    return {a.name: a for a in _REGISTRY.values()}

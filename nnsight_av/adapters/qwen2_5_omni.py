@@ -1,0 +1,159 @@
+"""Qwen2.5-Omni: the thinker only, audio-in-video interleaved per 2-second chunk."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ..spans import MediaLayout
+from .base import Adapter, register_adapter
+
+#: The ChatML layout the Qwen-Omni processors render, written for our tiny processors;
+#: real checkpoints use the template their processor ships with.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- elif part['type'] == 'audio' -%}{{- '<|audio_bos|><|AUDIO|><|audio_eos|>' -}}"
+    "{%- elif part['type'] == 'image' -%}{{- '<|vision_bos|><|IMAGE|><|vision_eos|>' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<|vision_bos|><|VIDEO|><|vision_eos|>' -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+def whisper_token_count(feature_lengths: torch.Tensor) -> torch.Tensor:
+    """Audio tokens per stream from mel-frame counts (two stride-2 stages: conv, then pooling)."""
+    after_conv = (feature_lengths - 1) // 2 + 1
+    return (after_conv - 2) // 2 + 1
+
+
+def pad_cat(tensors: list[torch.Tensor], dim: int, value: float | int = 0) -> torch.Tensor:
+    """Concatenate along dim 0 after right-padding dimension ``dim`` to the longest."""
+    longest = max(t.shape[dim] for t in tensors)
+    padded = []
+    for t in tensors:
+        if t.shape[dim] < longest:
+            shape = list(t.shape)
+            shape[dim] = longest - t.shape[dim]
+            t = torch.cat([t, t.new_full(shape, value)], dim=dim)
+        padded.append(t)
+    return torch.cat(padded, dim=0)
+
+
+@register_adapter
+class Qwen25OmniAdapter(Adapter):
+    """Qwen2.5-Omni 3B/7B thinker (transformers' ``Qwen2_5OmniThinkerForConditionalGeneration``)."""
+
+    name = "qwen2_5_omni"
+    model_types = ("qwen2_5_omni", "qwen2_5_omni_thinker")
+    roles = {
+        "embed": ("model.embed_tokens", "model.language_model.embed_tokens"),
+        "layers": ("model.layers", "model.language_model.layers"),
+        "final_norm": ("model.norm", "model.language_model.norm"),
+        "lm_head": ("lm_head",),
+        "rotary": ("model.rotary_emb", "model.language_model.rotary_emb"),
+        "audio_encoder": ("audio_tower", "model.audio_tower"),
+        "vision_encoder": ("visual", "model.visual"),
+    }
+    token_config = {
+        "audio": ("audio_token_id", "audio_token_index"),
+        "video": ("video_token_id", "video_token_index"),
+        "image": ("image_token_id", "image_token_index"),
+        "audio_bos": ("audio_start_token_id",),
+        "audio_eos": ("audio_end_token_id",),
+        "vision_bos": ("vision_start_token_id",),
+        "vision_eos": ("vision_end_token_id",),
+    }
+    sink_dims = {3584: [458, 2570]}
+    sink_tau = {3584: 25.0}
+    default_system = (
+        "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+        "auditory and visual inputs, as well as generating text and speech."
+    )
+
+    def token_id(self, role: str) -> int:
+        # Checkpoints saved before transformers 4.52 left the vision boundary ids off the thinker config.
+        fallback = {"vision_bos": 151652, "vision_eos": 151653}
+        try:
+            return super().token_id(role)
+        except Exception:
+            if role in fallback and int(getattr(self.text_config, "vocab_size", 0)) > fallback[role]:
+                return fallback[role]
+            raise
+
+    def merge_size(self) -> int:
+        return int(self.config.vision_config.spatial_merge_size)
+
+    def media_layout(self, data: Mapping[str, Any]) -> MediaLayout:
+        merge = self.merge_size() ** 2
+        grids = data.get("video_grid_thw")
+        seconds = data.get("video_second_per_grid")
+        video_per_patch, video_patches, video_seconds = [], [], []
+        if grids is not None:
+            for k, (t, h, w) in enumerate(torch.as_tensor(grids).tolist()):
+                video_per_patch.append(h * w // merge)
+                video_patches.append(t)
+                video_seconds.append(float(torch.as_tensor(seconds).reshape(-1)[k]) if seconds is not None else 1.0)
+        mask = data.get("feature_attention_mask")
+        audio = whisper_token_count(torch.as_tensor(mask).sum(-1)).tolist() if mask is not None else []
+        images = data.get("image_grid_thw")
+        image_counts = [int(t * h * w // merge) for t, h, w in torch.as_tensor(images).tolist()] if images is not None else []
+        return MediaLayout(video_per_patch, video_patches, video_seconds, [int(a) for a in audio], image_counts,
+                           float(getattr(self.config, "position_id_per_seconds", 25)),
+                           float(getattr(self.config, "seconds_per_chunk", 2)))
+
+    def audio_token_counts(self, data: Mapping[str, Any]) -> list[int]:
+        return self.media_layout(data).audio_token_counts
+
+    # -- loading -----------------------------------------------------------------
+    @classmethod
+    def load_module(cls, path: str, **hf_kwargs: Any) -> torch.nn.Module:
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+        # The thinker class reads the "thinker." weights of a full Omni checkpoint; the talker is never built.
+        return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, **hf_kwargs)
+
+    @classmethod
+    def load_processor(cls, path: str) -> Any:
+        from transformers import Qwen2_5OmniProcessor
+
+        return Qwen2_5OmniProcessor.from_pretrained(path)
+
+    # -- batching ----------------------------------------------------------------
+    def collate(self, items: list[Mapping[str, Any]], padding_side: str = "right", pad_id: int = 0) -> dict[str, Any]:
+        flags = {bool(item.get("use_audio_in_video", False)) for item in items}
+        if len(flags) > 1:
+            from ..errors import InputError
+
+            raise InputError("inputs batched in one trace must agree on use_audio_in_video "
+                             "(the rope index takes one flag for the whole batch)")
+        lengths = [item["input_ids"].shape[-1] for item in items]
+        longest = max(lengths)
+        ids, masks = [], []
+        for item, n in zip(items, lengths):
+            pad = longest - n
+            row_ids = item["input_ids"].reshape(1, -1)
+            row_mask = item["attention_mask"].reshape(1, -1)
+            filler_ids = row_ids.new_full((1, pad), pad_id)
+            filler_mask = row_mask.new_zeros((1, pad))
+            if padding_side == "left":
+                ids.append(torch.cat([filler_ids, row_ids], 1)); masks.append(torch.cat([filler_mask, row_mask], 1))
+            else:
+                ids.append(torch.cat([row_ids, filler_ids], 1)); masks.append(torch.cat([row_mask, filler_mask], 1))
+        out: dict[str, Any] = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}
+        with_audio = [i for i in items if i.get("input_features") is not None]
+        if with_audio:
+            out["input_features"] = pad_cat([i["input_features"] for i in with_audio], dim=-1, value=0.0)
+            out["feature_attention_mask"] = pad_cat([i["feature_attention_mask"] for i in with_audio], dim=-1, value=0)
+        for key in ("pixel_values_videos", "video_grid_thw", "video_second_per_grid", "pixel_values", "image_grid_thw"):
+            parts = [torch.as_tensor(i[key]) for i in items if i.get(key) is not None]
+            if parts:
+                out[key] = torch.cat(parts, 0)
+        out["use_audio_in_video"] = flags.pop()
+        return out

@@ -1,0 +1,282 @@
+"""`AVModel`: an nnsight model over an audio-visual LLM's thinker.
+
+Standard envoys (``model.layers[i]``, ``model.embed``, ``model.logits``, ...) are
+resolved by the model's adapter, so analysis code never spells a module path.
+Several ``tracer.invoke(ex)`` blocks batch into one forward: inputs are padded
+on the right, so each invoke's spans stay valid as they are (left padding is
+used only for batched generation; see docs/gotchas.md).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+import torch
+from nnsight.intervention.envoy import Envoy, traceable
+from nnsight.modeling.mixins.remotable import Remotable
+
+from .adapters.base import Adapter, get_module
+from .errors import InputError, LayerIndexError
+from .inputs import AVInputs, MediaRequest, prepare, prepare_request
+
+__all__ = ["AVModel"]
+
+
+class _Role:
+    """Class-level accessor for an adapter-resolved module role.
+
+    It is a data descriptor, so nnsight mounting a same-named child (the thinker's
+    ``lm_head``) lands in a shadow slot instead of replacing the role.
+    """
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: "AVModel | None", owner: type) -> Any:
+        if obj is None:
+            return self
+        return obj.envoy_at(obj.adapter.paths.get(self.role), self.role)
+
+    def __set__(self, obj: "AVModel", value: Any) -> None:
+        obj.__dict__[f"_child_{self.name}"] = value
+
+
+class LayerView:
+    """A decoder layer's envoy with role names (``self_attn``, ``mlp``, ``input_layernorm``) resolved."""
+
+    def __init__(self, envoy: Envoy, paths: dict[str, str | None], index: int) -> None:
+        object.__setattr__(self, "_envoy", envoy)
+        object.__setattr__(self, "_paths", paths)
+        object.__setattr__(self, "index", index)
+
+    def __getattr__(self, name: str) -> Any:
+        paths = object.__getattribute__(self, "_paths")
+        envoy = object.__getattribute__(self, "_envoy")
+        if name in paths and paths[name]:
+            target = envoy
+            for part in paths[name].split("."):
+                target = getattr(target, part)
+            return target
+        return getattr(envoy, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(object.__getattribute__(self, "_envoy"), name, value)
+
+    def __repr__(self) -> str:
+        return f"LayerView({self.index}, {object.__getattribute__(self, '_envoy').path})"
+
+
+class LayersView:
+    """``model.layers``: indexable, sized, iterable; indices checked against ``num_layers``."""
+
+    def __init__(self, model: "AVModel") -> None:
+        self._model = model
+
+    def __len__(self) -> int:
+        return self._model.num_layers
+
+    def __getitem__(self, index: int) -> LayerView:
+        index = self._model.check_layer(index)
+        envoy = self._model.envoy_at(f"{self._model.adapter.paths['layers']}.{index}", "layer")
+        return LayerView(envoy, self._model.adapter.layer_paths, index)
+
+    def __iter__(self) -> Iterator[LayerView]:
+        return (self[i] for i in range(len(self)))
+
+
+class AVModel(Remotable):
+    """An nnsight model for an audio-visual LLM thinker, with adapter-resolved envoys.
+
+    Build one with ``nav.load(...)`` or ``nav.testing.tiny_model(...)``.
+    """
+
+    embed = _Role("embed")
+    final_norm = _Role("final_norm")
+    lm_head = _Role("lm_head")
+    audio_encoder = _Role("audio_encoder")
+    vision_encoder = _Role("vision_encoder")
+    rotary = _Role("rotary")
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        adapter: type[Adapter] | Adapter,
+        processor: Any = None,
+        checkpoint: str | None = None,
+        default_system: str | None | object = "adapter",
+        processor_kwargs: dict[str, Any] | None = None,
+        **envoy_kwargs: Any,
+    ) -> None:
+        super().__init__(module, **envoy_kwargs)
+        adapter_obj = adapter if isinstance(adapter, Adapter) else adapter(module, processor)
+        object.__setattr__(self, "adapter", adapter_obj)
+        object.__setattr__(self, "processor", processor)
+        object.__setattr__(self, "checkpoint", checkpoint)
+        object.__setattr__(self, "default_system",
+                           adapter_obj.default_system if default_system == "adapter" else default_system)
+        object.__setattr__(self, "processor_kwargs", {**adapter_obj.processor_kwargs, **(processor_kwargs or {})})
+        object.__setattr__(self, "_padding_offsets", [])
+        self._configure_generation()
+
+    # -- envoys ------------------------------------------------------------------
+    def envoy_at(self, path: str | None, role: str = "module") -> Envoy:
+        """The envoy at a dotted ``path`` from the thinker root."""
+        if not path:
+            raise AttributeError(f"adapter {self.adapter.name!r} has no {role!r} module for this model")
+        envoy: Any = self
+        for part in path.split("."):
+            # _child_map first: a role descriptor may shadow a same-named child on the root.
+            child = envoy.__dict__.get("_child_map", {}).get(part)
+            envoy = child if child is not None else (envoy[int(part)] if part.isdigit() else getattr(envoy, part))
+        return envoy
+
+    @property
+    def layers(self) -> LayersView:
+        return LayersView(self)
+
+    @property
+    def logits(self) -> Any:
+        """The LM head's output ``[batch, seq, vocab]`` (read it last: modules are served in execution order)."""
+        return self.lm_head.output
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.adapter.hidden_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.adapter.num_heads
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", None)
+
+    def check_layer(self, index: int) -> int:
+        """``index`` as a non-negative layer index, or a `LayerIndexError` naming the valid range."""
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise LayerIndexError(f"layer index must be an int, got {type(index).__name__}")
+        n = self.num_layers
+        if not -n <= index < n:
+            raise LayerIndexError(f"layer {index} is out of range: this model has {n} layers (0..{n - 1})")
+        return index % n
+
+    # -- inputs ------------------------------------------------------------------
+    def prepare(
+        self,
+        video: Any = None,
+        audio: Any = None,
+        images: Any = None,
+        text: str | None = None,
+        system: str | None = "default",
+        use_audio_in_video: bool = True,
+        fps: float | None = None,
+        audio_rate: int | None = None,
+    ) -> AVInputs:
+        """Decode media, apply the chat template and processor, and locate token spans.
+
+        ``video``: mp4 path or uint8 frames ``[T, H, W, 3]`` at ``fps``; its audio track
+        is used when ``use_audio_in_video`` and ``audio`` is None. ``audio``: wav/mp3
+        path or samples (at ``audio_rate``, default 16 kHz). ``images``: paths, arrays
+        or PIL images. ``system="default"`` uses the checkpoint's system prompt.
+        """
+        return prepare(self, video=video, audio=audio, images=images, text=text, system=system,
+                       use_audio_in_video=use_audio_in_video, fps=fps, audio_rate=audio_rate)
+
+    def prepare_request(self, request: MediaRequest) -> AVInputs:
+        return prepare_request(self, request)
+
+    def render_chat(self, conversation: list[dict[str, Any]]) -> str:
+        """The chat template applied to ``conversation`` with the generation prompt."""
+        from .adapters.qwen2_5_omni import CHATML_TEMPLATE
+
+        template = None if getattr(self.processor, "chat_template", None) else CHATML_TEMPLATE
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False,
+                                                  chat_template=template)
+
+    # -- batching (nnsight hooks) ----------------------------------------------------
+    def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+        if inputs and isinstance(inputs[0], AVInputs):
+            return 1
+        if inputs and isinstance(inputs[0], dict) and "input_ids" in inputs[0]:
+            return int(inputs[0]["input_ids"].shape[0])
+        return 1 if inputs or any(k in kwargs for k in ("input_ids", "inputs_embeds")) else 0
+
+    def _batch(self, invokes: list[tuple], fn: Any) -> tuple:
+        if not invokes:
+            return (), {}
+        generating = getattr(fn, "__name__", "") == "generate"
+        items, extra = [], {}
+        for inputs, kwargs in invokes:
+            if not inputs:
+                items.append(kwargs)
+                continue
+            data = inputs[0]
+            if isinstance(data, AVInputs):
+                items.append(data.data)
+            elif isinstance(data, dict):
+                items.append(data)
+            else:
+                raise InputError(f"trace inputs must be AVInputs (from model.prepare) or a dict of processor "
+                                 f"tensors, got {type(data).__name__}")
+            extra.update(kwargs)
+        if len(items) == 1:
+            batch = dict(items[0])
+            object.__setattr__(self, "_padding_offsets", [0])
+        else:
+            pad_id = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+            side = "left" if generating else "right"
+            batch = self.adapter.collate(items, padding_side=side, pad_id=pad_id or 0)
+            longest = batch["input_ids"].shape[1]
+            offsets = [longest - item["input_ids"].shape[-1] if side == "left" else 0 for item in items]
+            object.__setattr__(self, "_padding_offsets", offsets)
+        return (), {**batch, **extra}
+
+    @property
+    def padding_offsets(self) -> list[int]:
+        """Per invoke of the last batched run: how far its positions moved right (left padding in generate)."""
+        return list(self._padding_offsets)
+
+    # -- generation ----------------------------------------------------------------
+    @traceable
+    def generate(self, *inputs: Any, **kwargs: Any) -> Any:
+        """Greedy/sampled generation through the thinker; returns prompt + new token ids.
+
+        ``with model.generate(ex, max_new_tokens=8) as tracer:`` traces every step;
+        use ``tracer.iter[...]`` to target steps, ``tracer.result`` for the ids.
+        """
+        return self._module.generate(*inputs, **kwargs)
+
+    def _configure_generation(self) -> None:
+        config = getattr(self._module, "generation_config", None)
+        tokenizer = self.tokenizer
+        if config is None or tokenizer is None:
+            return
+        if config.pad_token_id is None:
+            config.pad_token_id = tokenizer.pad_token_id
+        if config.eos_token_id is None:
+            im_end = tokenizer.get_vocab().get("<|im_end|>")
+            config.eos_token_id = im_end if im_end is not None else tokenizer.eos_token_id
+
+    # -- remote ----------------------------------------------------------------------
+    def _remoteable_model_key(self) -> str:
+        return json.dumps({"checkpoint": self.checkpoint, "adapter": self.adapter.name})
+
+    @classmethod
+    def _remoteable_from_model_key(cls, model_key: str, **kwargs: Any) -> "AVModel":
+        from .loading import load
+
+        spec = json.loads(model_key)
+        return load(spec["checkpoint"], adapter=spec["adapter"], **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"AVModel({self.adapter.name}, checkpoint={self.checkpoint!r}, layers={self.num_layers}, "
+                f"hidden={self.hidden_size}, heads={self.num_heads})")

@@ -1,0 +1,7 @@
+"""Offline tiny models, synthetic media and adapter checks for tests, docs and demos."""
+
+from .media import synthetic_frames, synthetic_tone, write_mp4, write_png, write_wav
+from .tiny import tiny_model, tiny_processor, tiny_tokenizer
+
+__all__ = ["tiny_model", "tiny_processor", "tiny_tokenizer", "write_mp4", "write_wav", "write_png",
+           "synthetic_frames", "synthetic_tone"]

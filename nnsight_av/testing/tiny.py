@@ -1,0 +1,161 @@
+"""Tiny offline models built from transformers' own classes, with real processors built locally.
+
+The processor is the real ``Qwen2_5OmniProcessor`` around a byte-level BPE
+tokenizer with the Omni special tokens, a Whisper feature extractor and the
+Qwen2-VL image and video processors, so ``prepare()`` runs the same code as for
+a real checkpoint. Weights are random (seeded) unless trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
+    "<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>", "<|vision_pad|>",
+)
+NAMED_SPECIALS = {
+    "image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
+    "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+    "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+}
+#: Words merged into single tokens, so answers such as " A" and short captions are one token each.
+DEFAULT_WORDS = tuple("ABCDEFGHIJKLMNOPQRST") + (
+    "user", "assistant", "system", "What", "is", "making", "the", "sound", "Answer", "with", "one", "letter",
+    "Describe", "what", "you", "see", "and", "hear", "a", "in", "single", "sentence", "Options",
+)
+#: Frame sizes small enough for CPU tests: 56x56 to 112x112 pixels (4 to 16 merged tokens per frame pair).
+TINY_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+
+
+def _byte_unicode() -> dict[int, str]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return bytes_to_unicode()
+
+
+def tiny_tokenizer(words: Sequence[str] = DEFAULT_WORDS):
+    """A byte-level BPE tokenizer: 256 byte tokens, merges for ``words`` (and " word"), the Omni specials."""
+    from transformers import Qwen2Tokenizer
+
+    b2u = _byte_unicode()
+    vocab: dict[str, int] = {b2u[b]: b for b in range(256)}
+    merges: list[tuple[str, str]] = []
+
+    def add_word(word: str) -> None:
+        symbols = [b2u[b] for b in word.encode("utf-8")]
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            merged = pair[0] + pair[1]
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append(pair)
+            symbols = [merged] + symbols[2:]
+
+    for word in words:
+        add_word(word)
+        add_word(" " + word)
+    for token in SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>", extra_special_tokens=NAMED_SPECIALS,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    return tokenizer
+
+
+def tiny_processor(words: Sequence[str] = DEFAULT_WORDS):
+    """The real ``Qwen2_5OmniProcessor`` around locally built parts."""
+    from transformers import (Qwen2_5OmniProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor,
+                              WhisperFeatureExtractor)
+
+    from ..adapters.qwen2_5_omni import CHATML_TEMPLATE
+
+    pixels = dict(min_pixels=TINY_PIXELS["shortest_edge"], max_pixels=TINY_PIXELS["longest_edge"],
+                  patch_size=14, merge_size=2, temporal_patch_size=2)
+    return Qwen2_5OmniProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000),
+        tokenizer=tiny_tokenizer(words),
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
+def tiny_qwen2_5_omni_config(tokenizer, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                             **text_overrides: Any):
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    ids = tokenizer.get_vocab()
+    head_dim = hidden // heads
+    # mrope sections split half the head dim into temporal / height / width frequencies.
+    half = head_dim // 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    text = dict(vocab_size=len(ids), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+                tie_word_embeddings=False)
+    text.update(text_overrides)
+    return Qwen2_5OmniThinkerConfig(
+        audio_config=dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          d_model=32, output_dim=hidden, n_window=50, max_source_positions=1500),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                           fullatt_block_indexes=[1], window_size=112, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        text_config=text,
+        audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+    )
+
+
+def tiny_model(
+    model_type: str = "qwen2_5_omni",
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    words: Sequence[str] = DEFAULT_WORDS,
+    system: str | None = "You are a helpful assistant.",
+):
+    """A tiny random-weight `AVModel` of ``model_type`` with a real, locally built processor.
+
+    >>> model = tiny_model(seed=0)
+    >>> model.num_layers, model.hidden_size
+    (4, 64)
+    """
+    from ..model import AVModel
+
+    if model_type not in _BUILDERS:
+        from ..errors import UnknownModelError
+
+        raise UnknownModelError(f"no tiny model for {model_type!r}; available: {sorted(_BUILDERS)}")
+    return _BUILDERS[model_type](seed=seed, attn_implementation=attn_implementation, dtype=dtype, hidden=hidden,
+                                 layers=layers, heads=heads, kv_heads=kv_heads, words=words, system=system)
+
+
+def _build_qwen2_5_omni(seed, attn_implementation, dtype, hidden, layers, heads, kv_heads, words, system):
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from ..adapters.qwen2_5_omni import Qwen25OmniAdapter
+    from ..model import AVModel
+
+    processor = tiny_processor(words)
+    config = tiny_qwen2_5_omni_config(processor.tokenizer, hidden=hidden, layers=layers, heads=heads,
+                                      kv_heads=kv_heads)
+    config._attn_implementation = attn_implementation
+    for sub in (config.text_config, config.audio_config, config.vision_config):
+        sub._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    module = Qwen2_5OmniThinkerForConditionalGeneration(config).to(dtype).eval()
+    return AVModel(module, adapter=Qwen25OmniAdapter, processor=processor, checkpoint=f"tiny:qwen2_5_omni:{seed}",
+                   default_system=system)
+
+
+_BUILDERS = {"qwen2_5_omni": _build_qwen2_5_omni}
