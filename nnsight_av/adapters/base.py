@@ -72,6 +72,10 @@ class Adapter:
     default_system: ClassVar[str | None] = None
     processor_kwargs: ClassVar[Mapping[str, Any]] = {}
     layout: ClassVar[str] = "chunked"
+    #: Name prefix of the attention-function call inside the attention module's source
+    #: (nnsight ``.source``); its inputs are (module, query, key, value, attention_mask, ...)
+    #: with query and key already rotated.
+    attention_call_prefix: ClassVar[str] = "attention_interface"
     sampling_rate: ClassVar[int] = 16000
     video_fps: ClassVar[float] = 2.0
 
@@ -146,6 +150,19 @@ class Adapter:
 
     def tau(self) -> float:
         return float(self.sink_tau.get(self.hidden_size, self.default_tau))
+
+    def attention_call(self, attn_envoy: Any) -> Any:
+        """The nnsight source envoy of the attention-function call in ``attn_envoy``.
+
+        Its ``.inputs`` are ``((module, query, key, value, attention_mask), kwargs)`` with
+        query/key after rotary embedding; use it to read q/k or to edit the mask.
+        """
+        names = [n for n in attn_envoy.source.names if n.startswith(self.attention_call_prefix)]
+        if not names:
+            raise AdapterError(f"adapter {self.name!r}: no call named {self.attention_call_prefix}_* in "
+                               f"{attn_envoy.path}'s source")
+        # The last one is the call; earlier ones are the assignment of the looked-up function.
+        return getattr(attn_envoy.source, names[-1])
 
     # -- media layout ----------------------------------------------------------
     def media_layout(self, data: Mapping[str, Any]) -> MediaLayout:
