@@ -1,0 +1,118 @@
+"""Shared set-up for benchmarks: a full-size Qwen2.5-Omni-7B thinker text stack with random weights.
+
+The decoder matches Qwen2.5-Omni-7B (28 layers, hidden 3584, 28 heads, 4 KV heads, MLP 18944,
+vocab 152064); the audio and vision encoders are shrunk to one layer each, since every benchmark
+here measures the language model, which is where the cost is. Inputs go through the real
+processor path (`model.prepare`) with frames sized to give the requested token count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import nnsight_av as nav  # noqa: E402
+from nnsight_av.testing.tiny import tiny_processor, tiny_qwen2_5_omni_config  # noqa: E402
+
+SEVEN_B_TEXT = dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate_size=18944, vocab_size=152064)
+
+
+def full_size_model(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, attn: str = "sdpa",
+                    small: bool = False, seed: int = 0) -> "nav.AVModel":
+    """Qwen2.5-Omni-7B-shaped thinker (random weights). ``small=True`` gives a CPU-sized stand-in."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from nnsight_av.adapters.qwen2_5_omni import Qwen25OmniAdapter
+
+    processor = tiny_processor()
+    spec = dict(SEVEN_B_TEXT) if not small else dict(hidden=256, layers=4, heads=8, kv_heads=2,
+                                                     intermediate_size=512, vocab_size=1024)
+    config = tiny_qwen2_5_omni_config(processor.tokenizer, hidden=spec["hidden"], layers=spec["layers"],
+                                      heads=spec["heads"], kv_heads=spec["kv_heads"],
+                                      intermediate_size=spec["intermediate_size"], vocab_size=spec["vocab_size"])
+    config.audio_config.encoder_layers = 1
+    config.vision_config.depth = 1
+    config.vision_config.fullatt_block_indexes = [0]
+    for sub in (config, config.text_config, config.audio_config, config.vision_config):
+        sub._attn_implementation = attn
+    torch.manual_seed(seed)
+    with torch.device(device):
+        module = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    module = module.to(dtype).eval()
+    # Random init gives logits of no particular scale; shrink the residual writes so bf16 stays finite.
+    return nav.AVModel(module, adapter=Qwen25OmniAdapter, processor=processor, checkpoint="bench:qwen2_5_omni_7b",
+                       default_system="You are a helpful assistant.",
+                       processor_kwargs={"videos_kwargs": {"size": {"shortest_edge": 56 * 56,
+                                                                    "longest_edge": 4096 * 28 * 28}}})
+
+
+def av_input(model: "nav.AVModel", tokens: int = 1700, seed: int = 0,
+             text: str = "What is making the sound? Answer with one letter.") -> "nav.AVInputs":
+    """A clip whose prompt is about ``tokens`` long, ~85% video and ~15% audio tokens as in the paper.
+
+    Duration grows with the budget (10 s at 1.7k tokens); the frame size sets the video share.
+    """
+    seconds = max(2, int(round(10 * tokens / 1700 / 2)) * 2)
+    audio_tokens = 25 * seconds
+    video_per_patch = max(4, int((tokens - audio_tokens - 40) / (seconds / 1.0)))  # one temporal patch per second
+    # merged tokens per patch = (h/28) * (w/28); pick a near-square grid
+    side = max(2, int(np.sqrt(video_per_patch)))
+    other = max(2, video_per_patch // side)
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 255, size=(seconds * 2, side * 28, other * 28, 3), dtype=np.uint8)
+    audio = (0.1 * rng.standard_normal(16000 * seconds)).astype(np.float32)
+    return model.prepare(video=frames, audio=audio, text=text)
+
+
+def cuda_timer(fn: Callable[[], Any], warmup: int = 2, repeat: int = 5) -> dict[str, float]:
+    """Median wall time (ms) and peak extra memory (GiB) of ``fn`` on the current device."""
+    for _ in range(warmup):
+        fn()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
+    return {"ms": float(np.median(times)), "peak_extra_gib": float(peak)}
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--small", action="store_true", help="CPU-sized model (smoke test of the script)")
+    p.add_argument("--tokens", type=int, nargs="*", default=[1700])
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--out", default=None, help="write the JSON results here")
+    return p
+
+
+def report(results: dict[str, Any], out: str | None) -> None:
+    text = json.dumps(results, indent=2)
+    print(text)
+    if out:
+        with open(out, "w") as handle:
+            handle.write(text)
+
+
+@contextmanager
+def no_grad():
+    with torch.inference_mode(False), torch.no_grad():
+        yield
