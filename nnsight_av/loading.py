@@ -28,6 +28,8 @@ def load(
     adapter: str | type[Adapter] | None = None,
     processor: Any = None,
     validate: bool = True,
+    processor_kwargs: dict[str, Any] | None = None,
+    default_system: str | None | object = "adapter",
     **hf_kwargs: Any,
 ) -> AVModel:
     """Load an audio-visual LLM's thinker (never the speech talker) as an `AVModel`.
@@ -35,7 +37,9 @@ def load(
     ``adapter`` is picked from the config's ``model_type`` unless named. ``hf_kwargs``
     (``dtype``, ``device_map``, ``attn_implementation``, ...) go to ``from_pretrained``.
     ``"toy-omni"`` names the small trained model shipped with the package.
-    ``validate`` runs the cheap load-time adapter checks.
+    ``validate`` runs the cheap load-time adapter checks. ``processor_kwargs`` are passed to
+    every processor call (e.g. ``{"videos_kwargs": {"size": ...}}``); ``default_system`` replaces
+    the checkpoint's system prompt.
     """
     if id_or_path == "toy-omni":
         from .toy import load_toy
@@ -50,7 +54,8 @@ def load(
     module = adapter_cls.load_module(id_or_path, **hf_kwargs).eval()
     if processor is None:
         processor = adapter_cls.load_processor(id_or_path)
-    model = AVModel(module, adapter=adapter_cls, processor=processor, checkpoint=id_or_path)
+    model = AVModel(module, adapter=adapter_cls, processor=processor, checkpoint=id_or_path,
+                    processor_kwargs=processor_kwargs, default_system=default_system)
     if validate:
         from .validation import quick_check
 

@@ -28,6 +28,9 @@ DEFAULT_WORDS = tuple("ABCDEFGHIJKLMNOPQRST") + (
 )
 #: Frame sizes small enough for CPU tests: 56x56 to 112x112 pixels (4 to 16 merged tokens per frame pair).
 TINY_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+#: Qwen-Omni's processor defaults (at least 128 x 28 x 28 pixels a frame) override the image and video
+#: processors' own sizes, so tiny models pass their frame size with every call.
+TINY_PROCESSOR_KWARGS = {"videos_kwargs": {"size": TINY_PIXELS}, "images_kwargs": {"size": TINY_PIXELS}}
 
 
 def _byte_unicode() -> dict[int, str]:
@@ -155,7 +158,7 @@ def _build_qwen2_5_omni(seed, attn_implementation, dtype, hidden, layers, heads,
     torch.manual_seed(seed)
     module = Qwen2_5OmniThinkerForConditionalGeneration(config).to(dtype).eval()
     return AVModel(module, adapter=Qwen25OmniAdapter, processor=processor, checkpoint=f"tiny:qwen2_5_omni:{seed}",
-                   default_system=system)
+                   default_system=system, processor_kwargs=TINY_PROCESSOR_KWARGS)
 
 
 _BUILDERS = {"qwen2_5_omni": _build_qwen2_5_omni}
