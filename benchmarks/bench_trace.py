@@ -20,8 +20,8 @@ def main() -> None:
     model = full_size_model(args.device, dtype, small=args.small)
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "runs": []}
     for tokens in args.tokens:
-        ex = av_input(model, tokens)
-        data = {k: (v.to(args.device) if torch.is_tensor(v) else v) for k, v in ex.data.items()}
+        ex = av_input(model, tokens).to(args.device)
+        data = ex.data
 
         def hf() -> None:
             with torch.no_grad():

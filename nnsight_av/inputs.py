@@ -62,6 +62,20 @@ class AVInputs:
     def __len__(self) -> int:
         return int(self.data["input_ids"].shape[-1])
 
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "AVInputs":
+        """A copy with the tensors on ``device`` (float features cast to ``dtype`` if given).
+
+        Moving once up front saves the host-to-device copy of pixel/mel features on every trace.
+        """
+        def move(value: Any) -> Any:
+            if not torch.is_tensor(value):
+                return value
+            if dtype is not None and value.is_floating_point():
+                return value.to(device=device, dtype=dtype)
+            return value.to(device)
+
+        return replace(self, data={k: move(v) for k, v in self.data.items()})
+
     def layout(self) -> str:
         """One character per token: V video, A audio, I image, . text."""
         marks = {"video": "V", "audio": "A", "image": "I", "text": "."}
