@@ -162,6 +162,9 @@ class MediaLayout:
     image_token_counts: list[int]
     position_id_per_seconds: float = 25.0
     seconds_per_chunk: float = 2.0
+    #: How an audio-in-video block is ordered: "chunked" (Qwen2.5-Omni: per chunk, all video
+    #: then all audio) or "timestamp" (Qwen3-Omni: token by token by rope time, video first on ties).
+    interleave: str = "chunked"
 
 
 def chunk_bounds(token_times: Sequence[float], tokens_per_chunk: int) -> list[tuple[int, int]]:
@@ -212,7 +215,15 @@ def parse_spans(input_ids: Sequence[int], tokens: LayoutTokens, layout: MediaLay
     i = 0
     while i < n:
         tok = ids[i]
-        if tok == tokens.vision_bos and i + 1 < n and ids[i + 1] == tokens.audio_bos:
+        if tok == tokens.vision_bos and i + 1 < n and ids[i + 1] == tokens.audio_bos and layout.interleave == "timestamp":
+            v = take(videos, "video")
+            a_count = take(audios, "audio")
+            vp, ap, block_chunks, pos = _timestamp_block(ids, i + 2, tokens, layout, v, a_count)
+            video_pos += vp; audio_pos += ap
+            chunks += [Chunk(len(chunks) + c.index, c.video, c.audio, c.start_s, c.end_s) for c in block_chunks]
+            expect(pos, tokens.audio_eos, "audio_eos"); expect(pos + 1, tokens.vision_eos, "vision_eos")
+            i = pos + 2
+        elif tok == tokens.vision_bos and i + 1 < n and ids[i + 1] == tokens.audio_bos:
             v = take(videos, "video")
             a_count = take(audios, "audio")
             per_patch, patches = layout.video_tokens_per_patch[v], layout.video_patches[v]
@@ -267,6 +278,62 @@ def parse_spans(input_ids: Sequence[int], tokens: LayoutTokens, layout: MediaLay
     system, prompt, assistant = _turn_spans(ids, tokens, set(audio_pos) | set(video_pos) | set(image_pos))
     return Spans(n, _positions(audio_pos), _positions(video_pos), _positions(image_pos),
                  _positions(system), _positions(prompt), _positions(assistant), tuple(chunks))
+
+
+def _timestamp_block(ids: list[int], start: int, tokens: LayoutTokens, layout: MediaLayout, video: int,
+                     audio_count: int) -> tuple[list[int], list[int], list[Chunk], int]:
+    """Positions and 2 s chunks of one audio-in-video block interleaved token by token by time.
+
+    Video token ``k`` of temporal patch ``p`` has rope time ``p * seconds_per_patch * pps``,
+    audio token ``j`` has time ``j``; the processor emits the video token first while its
+    time is ``<=`` the next audio token's. The order found in ``ids`` is checked against
+    that rule (with a small tolerance, since the processor's float64 times and the
+    float32 ``video_second_per_grid`` tensor may differ in the last bit), and every
+    token goes to the chunk ``floor(time / (seconds_per_chunk * pps))``.
+    """
+    per_patch, patches = layout.video_tokens_per_patch[video], layout.video_patches[video]
+    pps, sec = layout.position_id_per_seconds, layout.video_seconds_per_patch[video]
+    video_times = [p * sec * pps for p in range(patches) for _ in range(per_patch)]
+    per_chunk = layout.seconds_per_chunk * pps
+    eps = 1e-4
+    vp: list[int] = []
+    ap: list[int] = []
+    by_chunk: dict[int, tuple[list[int], list[int]]] = {}
+    pos, vi, ai = start, 0, 0
+    while vi < len(video_times) or ai < audio_count:
+        found = ids[pos] if pos < len(ids) else None
+        want_video = vi < len(video_times) and (ai >= audio_count or video_times[vi] <= ai + eps)
+        want_audio = ai < audio_count and (vi >= len(video_times) or video_times[vi] >= ai - eps)
+        if found == tokens.video and want_video:
+            chunk = int((video_times[vi] + eps) // per_chunk)
+            by_chunk.setdefault(chunk, ([], []))[0].append(pos); vp.append(pos); vi += 1
+        elif found == tokens.audio and want_audio:
+            chunk = int((ai + eps) // per_chunk)
+            by_chunk.setdefault(chunk, ([], []))[1].append(pos); ap.append(pos); ai += 1
+        else:
+            expected = " or ".join(n for n, w in (("video", want_video), ("audio", want_audio)) if w)
+            what = "end of sequence" if found is None else found
+            raise SpanError(f"layout mismatch at position {pos}: the timestamp rule expects a {expected} token "
+                            f"(video {vi}/{len(video_times)}, audio {ai}/{audio_count} placed), found {what}")
+        pos += 1
+    chunks = [Chunk(c, _positions(by_chunk.get(c, ([], []))[0]), _positions(by_chunk.get(c, ([], []))[1]),
+                    c * layout.seconds_per_chunk, (c + 1) * layout.seconds_per_chunk)
+              for c in range(max(by_chunk, default=-1) + 1)]
+    return vp, ap, chunks, pos
+
+
+def turn_spans(ids: Sequence[int], tokens: LayoutTokens, media: Iterable[int]) -> tuple[list[int], list[int], list[int]]:
+    """System content, user text and assistant-header positions of a ChatML-style sequence.
+
+    Public for adapters that parse their own media layout (see docs/adapters.md);
+    ``media`` holds the positions of media tokens, left out of the user text.
+
+    >>> t = LayoutTokens(*range(10, 17), im_start=1, im_end=2, newline_ids=frozenset({3}))
+    >>> ids = [1, 4, 3, 9, 2, 1, 5, 3, 7, 8, 2, 1, 6, 3]  # system "9", user "7 8", open assistant turn
+    >>> turn_spans(ids, t, media={8})
+    ([3], [9], [11, 12, 13])
+    """
+    return _turn_spans([int(i) for i in ids], tokens, set(int(m) for m in media))
 
 
 def _turn_spans(ids: list[int], tokens: LayoutTokens, media: set[int]) -> tuple[list[int], list[int], list[int]]:

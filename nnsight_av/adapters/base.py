@@ -18,6 +18,10 @@ from ..spans import LayoutTokens, MediaLayout, Spans, parse_spans
 
 #: Module roles every adapter resolves, with what each must be.
 MODEL_ROLES = ("embed", "layers", "final_norm", "lm_head", "audio_encoder", "vision_encoder", "rotary")
+#: Roles an adapter may add: the modules that map encoder features into the LM's embedding space.
+OPTIONAL_MODEL_ROLES = ("audio_projector", "vision_projector")
+#: Roles every adapter must resolve (a model without them cannot be traced at all).
+REQUIRED_MODEL_ROLES = ("embed", "layers", "final_norm", "lm_head")
 LAYER_ROLES = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 TOKEN_ROLES = ("audio", "video", "image", "audio_bos", "audio_eos", "vision_bos", "vision_eos")
 
@@ -83,7 +87,7 @@ class Adapter:
         self.module = module
         self.processor = processor
         self.paths: dict[str, str | None] = {role: resolve_path(module, cands) for role, cands in self.roles.items()}
-        missing = [role for role in ("embed", "layers", "final_norm", "lm_head") if not self.paths.get(role)]
+        missing = [role for role in REQUIRED_MODEL_ROLES if not self.paths.get(role)]
         if missing:
             tried = "; ".join(f"{role}: {', '.join(self.roles.get(role, ())) or '(none)'}" for role in missing)
             raise AdapterError(f"adapter {self.name!r} cannot find module role(s) {missing} in "
@@ -163,6 +167,33 @@ class Adapter:
                                f"{attn_envoy.path}'s source")
         # The last one is the call; earlier ones are the assignment of the looked-up function.
         return getattr(attn_envoy.source, names[-1])
+
+    def encoder_tokens(self, role: str, output: Any) -> torch.Tensor:
+        """The packed ``[tokens, dim]`` features an encoder call put into the LM, from its raw output.
+
+        ``role`` is ``"audio_encoder"`` or ``"vision_encoder"``. The default takes a tensor
+        as is, else ``pooler_output`` (merged vision tokens in Qwen-Omni), else
+        ``last_hidden_state``, else the first element of a tuple; override it when an
+        encoder returns something else. Call it inside a trace on ``envoy.output``.
+        """
+        if isinstance(output, torch.Tensor):
+            return output
+        for name in ("pooler_output", "last_hidden_state"):
+            value = getattr(output, name, None)
+            if isinstance(value, torch.Tensor):
+                return value
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            return output[0]
+        raise AdapterError(f"adapter {self.name!r}: cannot find the token features in the {role} output "
+                           f"({type(output).__name__}); override Adapter.encoder_tokens")
+
+    def config_problems(self) -> list[str]:
+        """Inconsistencies between the config and the processor this adapter can see (empty: none).
+
+        `nnsight_av.validation.quick_check` reports them at load time; override to add
+        family-specific checks (e.g. a rope time scale the processor must share).
+        """
+        return []
 
     # -- media layout ----------------------------------------------------------
     def media_layout(self, data: Mapping[str, Any]) -> MediaLayout:
