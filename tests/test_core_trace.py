@@ -148,3 +148,23 @@ def test_layer_index_out_of_range_is_a_clear_error(tiny):
         tiny.layers[4]
     with pytest.raises(nav.LayerIndexError):
         tiny.layers[-5]
+
+
+def test_batched_generation_equals_separate_generation(tiny, av_example, av_example_long):
+    with torch.no_grad():
+        with tiny.generate(max_new_tokens=4) as tracer:
+            with tracer.invoke(av_example):
+                pass
+            with tracer.invoke(av_example_long):
+                pass
+            with tracer.invoke():
+                both = tracer.result.save()
+        offsets = tiny.padding_offsets
+        with tiny.generate(av_example, max_new_tokens=4) as tracer:
+            alone_a = tracer.result.save()
+        with tiny.generate(av_example_long, max_new_tokens=4) as tracer:
+            alone_b = tracer.result.save()
+    # batched generation pads on the left: the short input moved right by the length difference
+    assert offsets == [len(av_example_long) - len(av_example), 0]
+    torch.testing.assert_close(both[0, -4:], alone_a[0, -4:])
+    torch.testing.assert_close(both[1, -4:], alone_b[0, -4:])
