@@ -183,9 +183,6 @@ class Qwen3OmniAdapter(Qwen25OmniAdapter):
         # A full Omni checkpoint nests the thinker's config; only the thinker is built (never the talker).
         config = AutoConfig.from_pretrained(path)
         thinker_config = getattr(config, "thinker_config", None) or config
-        attn = hf_kwargs.get("attn_implementation")
-        if attn is not None:
-            thinker_config._attn_implementation = attn
         return Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(path, config=thinker_config, **hf_kwargs)
 
     @classmethod
