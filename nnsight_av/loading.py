@@ -18,6 +18,14 @@ def _model_type(path: str) -> str:
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
+        # Models built outside transformers keep a config.json whose model_type transformers does not know.
+        raw = Path(path) / "config.json"
+        if raw.is_file():
+            import json
+
+            model_type = json.loads(raw.read_text()).get("model_type")
+            if model_type:
+                return str(model_type)
         hint = "" if Path(path).exists() else " (not a local folder, and the hub could not provide it)"
         raise UnknownModelError(f"cannot read a model config from {path!r}{hint}: {error}") from None
     return config.model_type
