@@ -1,0 +1,425 @@
+"""Modality dominance score (MDS) of sink tokens and the cross-modal / unimodal split (METHOD.md section 3).
+
+For a sink ``s`` and layer ``l`` on the clean prefill:
+
+- ``V_l(s)``: mean over heads and over video queries ``q > s`` of ``A_l[h, q, s]`` (0 if none);
+- ``A_l(s)``: the same over audio queries;
+- ``MDS_l(s) = (V - A) / (V + A + 1e-9)`` in ``[-1, 1]``; ``MDS(s)`` = nanmean over layers.
+
+Only the attention paid to the sink columns is computed (`analyses.attention`), inside
+the forward, from the post-rotary queries and keys. `sink_analysis` finds the sinks and
+their MDS in a single prefill; `modality_dominance` scores sinks you already have.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+
+from nnsight_av.errors import InputError
+
+from .attention import (_group_counts, as_list, batch_tensors, column_attention_sums, column_sums,
+                        progress_batches, run_prefill)
+from .sinks import SinkResult, _check_k, modality_codes, resolve_sink_dims, sink_scores
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from nnsight_av import AVInputs, AVModel
+
+__all__ = ["MDS_EPS", "mds_score", "MDSResult", "SinkSplit", "modality_dominance", "sink_analysis", "SinkAnalysis",
+           "mds_summary"]
+
+MDS_EPS = 1e-9
+_MODALITIES = ("video", "audio")
+
+
+def mds_score(v: torch.Tensor, a: torch.Tensor, eps: float = MDS_EPS) -> torch.Tensor:
+    """``(V - A) / (V + A + eps)``.
+
+    >>> [round(x, 6) for x in mds_score(torch.tensor([0.3, 0.0, 0.0]), torch.tensor([0.1, 0.2, 0.0])).tolist()]
+    [0.5, -1.0, 0.0]
+    """
+    return (v - a) / (v + a + eps)
+
+
+@dataclass
+class SinkSplit:
+    """Sinks split into four sets: ``av`` / ``aa`` (audio sinks), ``va`` / ``vv`` (video sinks).
+
+    The first letter is the sink's modality, the second the modality that mostly attends
+    to it: ``va`` (video sinks relatively more attended by audio) and ``av`` are the
+    cross-modal sinks, ``vv`` and ``aa`` the unimodal ones.
+    """
+
+    av: Int[torch.Tensor, "n"]
+    va: Int[torch.Tensor, "n"]
+    aa: Int[torch.Tensor, "n"]
+    vv: Int[torch.Tensor, "n"]
+    rule: str = "rank"
+
+    def cross_modal(self, base: str | None = None) -> Int[torch.Tensor, "n"]:
+        """Cross-modal sinks of ``base`` modality ("video" -> va, "audio" -> av); both when None."""
+        return self._pick(base, self.va, self.av)
+
+    def unimodal(self, base: str | None = None) -> Int[torch.Tensor, "n"]:
+        """Unimodal sinks of ``base`` modality ("video" -> vv, "audio" -> aa); both when None."""
+        return self._pick(base, self.vv, self.aa)
+
+    def halves(self, base: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cross_modal, unimodal)`` sinks of one base modality."""
+        return self.cross_modal(base), self.unimodal(base)
+
+    @staticmethod
+    def _pick(base: str | None, video: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        if base is None:
+            return torch.sort(torch.cat([video, audio])).values
+        if base == "video":
+            return video
+        if base == "audio":
+            return audio
+        raise InputError(f"base modality must be 'video', 'audio' or None, got {base!r}")
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {name: getattr(self, name).tolist() for name in ("av", "va", "aa", "vv")}
+
+    def to_frame(self) -> "pd.DataFrame":
+        import pandas as pd
+
+        rows = [(p, name, name[0] != name[1]) for name in ("av", "va", "aa", "vv") for p in getattr(self, name).tolist()]
+        return pd.DataFrame(rows, columns=["position", "set", "cross_modal"]).sort_values("position",
+                                                                                        ignore_index=True)
+
+    def __repr__(self) -> str:
+        return (f"SinkSplit(rule={self.rule!r}, av={len(self.av)}, va={len(self.va)}, aa={len(self.aa)}, "
+                f"vv={len(self.vv)})")
+
+
+def _stats(values: np.ndarray) -> dict[str, float | int | None]:
+    if values.size == 0:
+        return {"n": 0, "median": None, "q1": None, "q3": None, "iqr": None, "mean": None}
+    q1, med, q3 = np.quantile(values, [0.25, 0.5, 0.75])
+    return {"n": int(values.size), "median": float(med), "q1": float(q1), "q3": float(q3),
+            "iqr": float(q3 - q1), "mean": float(values.mean())}
+
+
+@dataclass
+class MDSResult:
+    """Per sink and layer: ``V`` (video-query attention), ``A`` (audio-query attention) and MDS.
+
+    ``positions[j]`` is a sink of modality ``modality[j]``; ``V[i, j]`` / ``A[i, j]`` belong
+    to layer ``layers[i]``. ``mds`` is the layer nanmean of ``per_layer``.
+    """
+
+    positions: Int[torch.Tensor, "sinks"]
+    modality: list[str]
+    layers: list[int]
+    V: Float[torch.Tensor, "layer sinks"]
+    A: Float[torch.Tensor, "layer sinks"]
+    eps: float = MDS_EPS
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.positions = torch.as_tensor(self.positions, dtype=torch.long).reshape(-1)
+        n = self.positions.numel()
+        self.V = torch.as_tensor(self.V, dtype=torch.float32).reshape(len(self.layers), n)
+        self.A = torch.as_tensor(self.A, dtype=torch.float32).reshape(len(self.layers), n)
+        if len(self.modality) != n:
+            raise InputError(f"{len(self.modality)} modality labels for {n} sinks")
+
+    @property
+    def per_layer(self) -> Float[torch.Tensor, "layer sinks"]:
+        return mds_score(self.V, self.A, self.eps)
+
+    @property
+    def mds(self) -> Float[torch.Tensor, "sinks"]:
+        if self.positions.numel() == 0:
+            return torch.zeros(0)
+        return torch.nanmean(self.per_layer, dim=0)
+
+    def _of(self, modality: str) -> torch.Tensor:
+        return torch.tensor([m == modality for m in self.modality], dtype=torch.bool)
+
+    def of(self, modality: str) -> "MDSResult":
+        """The sinks of one modality."""
+        keep = self._of(modality)
+        return MDSResult(self.positions[keep], [m for m in self.modality if m == modality], list(self.layers),
+                         self.V[:, keep], self.A[:, keep], self.eps, dict(self.meta))
+
+    def split(self, rule: str = "rank") -> SinkSplit:
+        """The four sets ``av``, ``va``, ``aa``, ``vv``.
+
+        ``rule="rank"`` (default, the authors' code): within each modality's sinks, sorted by
+        MDS ascending (ties: position), the lower ``n // 2`` form one half and the rest the
+        other; for video sinks the lower half is cross-modal (``va``), for audio sinks the
+        upper half (``av``). ``rule="sign"``: a video sink is cross-modal iff MDS < 0, an
+        audio sink iff MDS > 0.
+
+        >>> r = MDSResult(torch.tensor([3, 5, 7, 9]), ["video", "video", "audio", "audio"], [0],
+        ...               torch.tensor([[0.9, 0.2, 0.1, 0.5]]), torch.tensor([[0.1, 0.3, 0.8, 0.4]]))
+        >>> r.split().to_dict()
+        {'av': [9], 'va': [5], 'aa': [7], 'vv': [3]}
+        """
+        mds = self.mds
+        out: dict[str, torch.Tensor] = {}
+        for modality, (low, high) in (("video", ("va", "vv")), ("audio", ("aa", "av"))):
+            keep = self._of(modality)
+            pos, score = self.positions[keep], mds[keep]
+            if rule == "rank":
+                order = sorted(range(pos.numel()), key=lambda j: (float(score[j]), int(pos[j])))
+                cut = pos.numel() // 2
+                lower = pos[order[:cut]] if cut else torch.zeros(0, dtype=torch.long)
+                upper = pos[order[cut:]] if order else torch.zeros(0, dtype=torch.long)
+            elif rule == "sign":
+                lower_mask = score < 0 if modality == "video" else score <= 0
+                lower, upper = pos[lower_mask], pos[~lower_mask]
+            else:
+                raise InputError(f"split rule must be 'rank' or 'sign', got {rule!r}")
+            out[low], out[high] = torch.sort(lower.long()).values, torch.sort(upper.long()).values
+        return SinkSplit(out["av"], out["va"], out["aa"], out["vv"], rule)
+
+    def summary(self) -> "pd.DataFrame":
+        """Median, quartiles, IQR and mean of the per-sink MDS, per modality (the paper's Table 12)."""
+        return mds_summary([self])
+
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per sink: position, modality, MDS and the layer-mean V and A."""
+        import pandas as pd
+
+        return pd.DataFrame({"position": self.positions.tolist(), "modality": self.modality,
+                             "mds": self.mds.tolist(), "V": self.V.mean(0).tolist() if self.layers else [],
+                             "A": self.A.mean(0).tolist() if self.layers else []})
+
+    def __repr__(self) -> str:
+        parts = []
+        mds = self.mds
+        for m in _MODALITIES:
+            vals = mds[self._of(m)]
+            med = f"{float(vals.median()):+.3f}" if vals.numel() else "n/a"
+            parts.append(f"{m}={vals.numel()} (median {med})")
+        return f"MDSResult({', '.join(parts)}, layers={len(self.layers)})"
+
+    def _repr_html_(self) -> str:
+        return (f"<b>{self!r}</b>" + self.summary().to_html(index=False, na_rep="-")
+                + self.to_frame().head(20).to_html(index=False))
+
+    def plot_heatmap(self, **kwargs: Any) -> "Figure":
+        from .plots import plot_mds_heatmap
+
+        return plot_mds_heatmap(self, **kwargs)
+
+    def plot_distribution(self, **kwargs: Any) -> "Figure":
+        from .plots import plot_mds_distribution
+
+        return plot_mds_distribution(self, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "MDSResult", "version": 1, "positions": self.positions.tolist(), "modality": self.modality,
+                "layers": list(self.layers), "V": self.V.tolist(), "A": self.A.tolist(), "eps": self.eps,
+                "meta": self.meta}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict())
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "MDSResult":
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text()
+        data = json.loads(text)
+        if data.get("kind") != "MDSResult":
+            raise InputError("this JSON does not hold an MDSResult")
+        return cls(torch.tensor(data["positions"], dtype=torch.long), data["modality"], data["layers"],
+                   torch.tensor(data["V"], dtype=torch.float32), torch.tensor(data["A"], dtype=torch.float32),
+                   data["eps"], data.get("meta", {}))
+
+
+def mds_summary(results: "MDSResult | Sequence[MDSResult]") -> "pd.DataFrame":
+    """Per modality, statistics of the per-sink MDS pooled over ``results`` (e.g. 100 clips).
+
+    >>> r = MDSResult(torch.tensor([1, 2]), ["video", "audio"], [0], torch.tensor([[0.3, 0.1]]),
+    ...               torch.tensor([[0.1, 0.3]]))
+    >>> mds_summary(r)[["modality", "n", "median"]].round(3).values.tolist()
+    [['video', 1, 0.5], ['audio', 1, -0.5]]
+    """
+    import pandas as pd
+
+    if isinstance(results, MDSResult):
+        results = [results]
+    rows = []
+    for m in _MODALITIES:
+        vals = [r.mds[r._of(m)] for r in results]
+        pooled = torch.cat(vals).numpy() if vals else np.zeros(0)
+        pooled = pooled[~np.isnan(pooled)]
+        rows.append({"modality": m, **_stats(pooled)})
+    return pd.DataFrame(rows)
+
+
+def _media_counts(item: "AVInputs") -> tuple[int, int]:
+    return int(item.spans.video.numel()), int(item.spans.audio.numel())
+
+
+def _check_av(item: "AVInputs") -> None:
+    n_video, n_audio = _media_counts(item)
+    if n_video == 0 or n_audio == 0:
+        raise InputError(f"modality dominance compares video and audio queries, so the input needs both; this one has "
+                         f"{n_video} video and {n_audio} audio tokens")
+
+
+def _sink_positions(sinks: Any, item: "AVInputs") -> tuple[torch.Tensor, list[str]]:
+    """Video and audio sink positions (sorted) and their modality labels."""
+    if isinstance(sinks, SinkResult):
+        if sinks.length != len(item):
+            raise InputError(f"this SinkResult is for {sinks.length} tokens but the input has {len(item)}")
+        pos = sinks.positions
+    else:
+        pos = torch.as_tensor(sinks.tolist() if isinstance(sinks, torch.Tensor) else list(sinks), dtype=torch.long)
+        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= len(item)):
+            from nnsight_av.errors import TokenSelectionError
+
+            raise TokenSelectionError(f"sink positions must lie in [0, {len(item)})")
+    labels = item.spans.modality_of()
+    keep = sorted({int(p) for p in pos.tolist() if labels[int(p)] in _MODALITIES})
+    return torch.tensor(keep, dtype=torch.long), [labels[p] for p in keep]
+
+
+def modality_dominance(
+    model: "AVModel",
+    inputs: "AVInputs | Sequence[AVInputs]",
+    sinks: Any,
+    *,
+    layers: Sequence[int] | None = None,
+    fuse: bool | None = None,
+    backend: str = "auto",
+    batch_size: int = 1,
+    progress: bool = True,
+) -> "MDSResult | list[MDSResult]":
+    """MDS of the video and audio sinks of each input (one prefill per batch, no attention maps).
+
+    ``sinks``: a `SinkResult` (its kept video/audio sinks) or positions; for a list of inputs,
+    a list with one per input. Sinks of other modalities (text, image) are left out.
+    Raises `InputError` if an input lacks video or audio tokens.
+
+    >>> import nnsight_av as nav
+    >>> model = nav.testing.tiny_model()
+    >>> ex = model.prepare(video=nav.testing.synthetic_frames(2.0, 2, 56), audio=nav.testing.synthetic_tone(2.0),
+    ...                    text="What is making the sound?")
+    >>> res = modality_dominance(model, ex, [ex.spans.video[0], ex.spans.audio[0]])
+    >>> res.modality, tuple(res.per_layer.shape), bool(res.mds.abs().max() <= 1)
+    (['video', 'audio'], (4, 2), True)
+    """
+    items, single = as_list(inputs)
+    if single or isinstance(sinks, SinkResult):
+        per_item = [sinks] * len(items) if not single else [sinks]
+    else:
+        if not isinstance(sinks, (list, tuple)) or len(sinks) != len(items):
+            raise InputError(f"for {len(items)} inputs pass a list of {len(items)} sink sets (SinkResult or positions)")
+        per_item = list(sinks)
+    for item in items:
+        _check_av(item)
+    found = [_sink_positions(s, it) for s, it in zip(per_item, items)]
+    layer_list = list(range(model.num_layers)) if layers is None else [model.check_layer(l) for l in layers]
+    results: list[MDSResult | None] = [None] * len(items)
+    todo = [i for i, (pos, _) in enumerate(found) if pos.numel()]
+    for i, (pos, labels) in enumerate(found):
+        if pos.numel() == 0:
+            empty = torch.zeros(len(layer_list), 0)
+            results[i] = MDSResult(pos, labels, layer_list, empty, empty.clone())
+    if todo:
+        sums = column_attention_sums(model, [items[i] for i in todo], [found[i][0] for i in todo],
+                                     ("video", "audio"), layer_list, strict=True, fuse=fuse, backend=backend,
+                                     batch_size=batch_size, progress=progress)
+        for i, res in zip(todo, sums):
+            mean = res.mean()
+            results[i] = MDSResult(found[i][0], found[i][1], layer_list, mean[:, 0], mean[:, 1])
+    return results[0] if single else results  # type: ignore[return-value]
+
+
+class SinkAnalysis(NamedTuple):
+    """Sinks and their MDS from one prefill (unpacks as ``sinks, mds = ...``)."""
+
+    sinks: SinkResult
+    mds: MDSResult
+
+
+def sink_analysis(
+    model: "AVModel",
+    inputs: "AVInputs | Sequence[AVInputs]",
+    dims: Sequence[int] | None = None,
+    tau: float | None = None,
+    k_divide: float = 2,
+    *,
+    k: int | None = None,
+    fuse: bool | None = None,
+    backend: str = "auto",
+    batch_size: int = 1,
+    progress: bool = True,
+) -> "SinkAnalysis | list[SinkAnalysis]":
+    """`find_sinks` and `modality_dominance` in a single prefill.
+
+    The sinks are known only after the last layer, so at every layer the attention that
+    video and audio queries pay to *every* video/audio column is reduced on the fly to two
+    numbers per column (``O(T)`` memory, no stored q/k), and the global sinks' columns are
+    picked at the end. This costs one extra causal pass over the logits per layer (fused
+    on GPUs), instead of a second forward; see docs/sinks.md for the measured cost.
+
+    >>> import nnsight_av as nav
+    >>> model = nav.testing.tiny_model()
+    >>> ex = model.prepare(video=nav.testing.synthetic_frames(2.0, 2, 56), audio=nav.testing.synthetic_tone(2.0),
+    ...                    text="What is making the sound?")
+    >>> sinks, mds = sink_analysis(model, ex, dims=[0], tau=0.0)   # tau 0: every token is a sink
+    >>> sinks.K == len(ex) // 2, mds.positions.tolist() == sinks.positions.tolist()
+    (True, True)
+    """
+    items, single = as_list(inputs)
+    _check_k(k_divide, k)
+    for item in items:
+        _check_av(item)
+    dims = resolve_sink_dims(model, dims, items)
+    tau = float(model.adapter.tau() if tau is None else tau)
+    layer_list = list(range(model.num_layers))
+    out: list[SinkAnalysis] = []
+    for chunk in progress_batches(items, batch_size, progress, "sink analysis"):
+        cols = [torch.sort(torch.cat([it.spans.video, it.spans.audio]).long()).values for it in chunk]
+        gids = []
+        for it in chunk:
+            g = torch.full((len(it),), -1, dtype=torch.long)
+            g[it.spans.video] = 0
+            g[it.spans.audio] = 1
+            gids.append(g)
+        col_batch = batch_tensors(chunk, cols, -1)
+        grp_batch = batch_tensors(chunk, gids, -1)
+        cache: dict[str, torch.Tensor] = {}
+
+        def on_attention(layer: int, q: torch.Tensor, k_: torch.Tensor, lse: torch.Tensor, scale: float,
+                         col_batch=col_batch, grp_batch=grp_batch, cache=cache) -> torch.Tensor:
+            if "cols" not in cache:
+                cache["cols"] = col_batch.to(device=q.device, dtype=torch.int32)
+                cache["grp"] = grp_batch.to(device=q.device, dtype=torch.int32)
+            return column_sums(q, k_, lse, cache["cols"], cache["grp"], 2, scale, True, backend, validate=False).sum(1)
+
+        scores_found, sums_found = run_prefill(
+            model, chunk, residual_layers=layer_list, on_residual=lambda layer, h: sink_scores(h, dims),
+            attention_layers=layer_list, on_attention=on_attention, fuse=fuse)
+        for i, item in enumerate(chunk):
+            n = len(item)
+            scores = torch.stack([scores_found[l][i, :n].cpu() for l in layer_list])
+            sinks = SinkResult(scores, layer_list, list(dims), tau, float(k_divide), modality_codes(item), k)
+            pos, labels = _sink_positions(sinks, item)
+            index = torch.searchsorted(cols[i], pos)
+            sums = torch.stack([sums_found[l][i].cpu() for l in layer_list])[:, :, index]     # [L, 2, S]
+            counts = _group_counts(gids[i], 2, pos, True)
+            denom = (counts * model.num_heads).float()
+            mean = torch.where(denom > 0, sums / denom.clamp(min=1), torch.zeros_like(sums))
+            out.append(SinkAnalysis(sinks, MDSResult(pos, labels, layer_list, mean[:, 0], mean[:, 1])))
+    return out[0] if single else out

@@ -1,0 +1,398 @@
+"""Sink dimensions and sink tokens (METHOD.md section 2).
+
+- ``phi(h) = |h / sqrt(mean_j h_j^2 + 1e-6)|``: a weightless RMS norm, float32, elementwise abs.
+- Sink dimensions: channels where the first token's ``phi`` is orders of magnitude above
+  the median channel at middle and late layers, consistently across inputs
+  (`find_sink_dims`; adapters list known ones, e.g. Qwen2.5-Omni-7B -> [458, 2570]).
+- Token ``t`` is a sink at layer ``l`` iff ``max over sink dims d of phi(h_{l,t})_d > tau``,
+  with ``h_{l,t}`` the input of decoder layer ``l`` (``l = 0..L-1``) on the clean prefill.
+- Global sinks: the ``K = int(T / k_divide)`` positions that are sinks in the most layers
+  (ties: earlier first sink layer, then smaller position); kept text positions are then
+  dropped and still use up ``K`` (the authors' behaviour).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+
+from nnsight_av.errors import AdapterError, InputError
+
+from .attention import as_list, progress_batches, run_prefill
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from nnsight_av import AVInputs, AVModel
+
+__all__ = ["phi", "sink_scores", "first_token_phi", "find_sink_dims", "resolve_sink_dims", "select_global_sinks",
+           "SinkResult", "find_sinks", "RMS_EPS"]
+
+RMS_EPS = 1e-6
+_MODALITY_CODE = {"video": "V", "audio": "A", "image": "I", "text": "."}
+_CODE_MODALITY = {v: k for k, v in _MODALITY_CODE.items()}
+
+
+def phi(h: Float[torch.Tensor, "... hidden"]) -> Float[torch.Tensor, "... hidden"]:
+    """Weightless RMS norm ``|h / sqrt(mean(h^2) + 1e-6)|`` in float32.
+
+    >>> [round(x, 5) for x in phi(torch.tensor([-3.0, 4.0])).tolist()]  # rms = sqrt(12.5)
+    [0.84853, 1.13137]
+    """
+    h = h.float()
+    return (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + RMS_EPS)).abs()
+
+
+def sink_scores(h: Float[torch.Tensor, "... hidden"], dims: Sequence[int]) -> Float[torch.Tensor, "..."]:
+    """``max over d in dims of phi(h)_d`` without materialising ``phi`` for every channel.
+
+    >>> h = torch.tensor([[1.0, 1.0, 10.0, 1.0]])
+    >>> bool(torch.isclose(sink_scores(h, [2]), phi(h)[:, 2]).all())
+    True
+    """
+    if not dims:
+        return torch.zeros(h.shape[:-1], dtype=torch.float32, device=h.device)
+    ms = torch.linalg.vector_norm(h, dim=-1, dtype=torch.float32).pow(2) / h.shape[-1]
+    # Integer indexing keeps views: an index tensor built from a list would be a host-to-device copy per call.
+    picked = torch.stack([h[..., int(d)] for d in dims], -1).float().abs()
+    return (picked / torch.sqrt(ms + RMS_EPS)[..., None]).amax(-1)
+
+
+def _default_dim_layers(num_layers: int) -> list[int]:
+    """Middle and late layers: from a third of the depth to the last layer input."""
+    return list(range(max(1, num_layers // 3), num_layers)) if num_layers > 1 else [0]
+
+
+def first_token_phi(
+    model: "AVModel",
+    inputs: "AVInputs | Sequence[AVInputs]",
+    layers: Sequence[int] | None = None,
+    *,
+    progress: bool = True,
+) -> Float[torch.Tensor, "input layer hidden"]:
+    """``phi`` of the first token's residual input at ``layers`` (default: middle and late), per input."""
+    items, _ = as_list(inputs)
+    layer_list = _default_dim_layers(model.num_layers) if layers is None else [model.check_layer(l) for l in layers]
+    out = []
+    for chunk in progress_batches(items, 1, progress, "sink dims"):
+        found, _ = run_prefill(model, chunk, residual_layers=layer_list,
+                               on_residual=lambda layer, h: phi(h[:, 0]).cpu())
+        out.append(torch.stack([found[l][0] for l in layer_list]))
+    return torch.stack(out)
+
+
+def find_sink_dims(
+    model: "AVModel",
+    inputs: "AVInputs | Sequence[AVInputs]",
+    top: int | None = 2,
+    *,
+    layers: Sequence[int] | None = None,
+    ratio: float = 100.0,
+    consistency: float = 0.5,
+    progress: bool = True,
+) -> list[int]:
+    """Massive-activation channels of the first token, found from data.
+
+    For each input and each layer in ``layers`` (default: from a third of the depth to the
+    last), a channel passes if the first token's ``phi`` there is at least ``ratio`` times
+    the median over channels. Channels passing in at least ``consistency`` of the
+    (input, layer) pairs are ranked by their median ratio; the ``top`` strongest
+    (all if None) are returned in ascending channel order. Known defaults of an adapter:
+    ``model.adapter.known_sink_dims()``; `resolve_sink_dims` picks between them.
+
+    >>> import nnsight_av as nav
+    >>> model = nav.testing.tiny_model()
+    >>> ex = model.prepare(text="What is making the sound?")
+    >>> find_sink_dims(model, ex)  # random weights have no massive activations
+    []
+    """
+    if top is not None and top < 1:
+        raise InputError(f"top must be a positive int or None, got {top}")
+    if ratio <= 1:
+        raise InputError(f"ratio must be above 1 (a channel's phi over the median), got {ratio}")
+    values = first_token_phi(model, inputs, layers, progress=progress)           # [N, L, H]
+    ratios = values / values.median(-1, keepdim=True).values.clamp(min=1e-12)
+    passing = (ratios >= ratio).float().flatten(0, 1).mean(0)                     # [H]
+    strength = ratios.flatten(0, 1).median(0).values
+    candidates = torch.nonzero(passing >= consistency).flatten().tolist()
+    candidates.sort(key=lambda d: (-float(strength[d]), d))
+    chosen = candidates if top is None else candidates[:top]
+    return sorted(int(d) for d in chosen)
+
+
+def resolve_sink_dims(
+    model: "AVModel",
+    dims: Sequence[int] | None = None,
+    inputs: "AVInputs | Sequence[AVInputs] | None" = None,
+) -> list[int]:
+    """Sink dimensions to use: ``dims`` if given, else the adapter's known ones, else found from ``inputs``.
+
+    >>> import nnsight_av as nav
+    >>> resolve_sink_dims(nav.testing.tiny_model(), [3, 1])
+    [1, 3]
+    """
+    hidden = model.hidden_size
+    if dims is not None:
+        dims = [int(d) for d in dims]
+        bad = [d for d in dims if not 0 <= d < hidden]
+        if bad:
+            raise InputError(f"sink dims {bad} are out of range for hidden size {hidden}")
+        return sorted(set(dims))
+    known = model.adapter.known_sink_dims()
+    if known:
+        return sorted(int(d) for d in known)
+    if inputs is None:
+        raise AdapterError(f"adapter {model.adapter.name!r} knows no sink dims for hidden size {hidden}: pass dims=, "
+                           "or inputs to find them (find_sink_dims)")
+    return find_sink_dims(model, inputs, progress=False)
+
+
+def select_global_sinks(
+    mask: Bool[torch.Tensor, "layer token"],
+    k: int,
+) -> Int[torch.Tensor, "kept"]:
+    """The ``k`` positions that are sinks in the most layers, in rank order.
+
+    Only positions that are a sink somewhere are eligible (so fewer than ``k`` may come
+    back, e.g. when ``k`` exceeds the sequence). Ties: the earlier first sink layer (row
+    of ``mask``) wins, then the smaller position.
+
+    >>> mask = torch.tensor([[0, 1, 0, 1], [1, 1, 0, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    >>> select_global_sinks(mask, 3).tolist()  # counts 2, 2, 0, 2; first layers 1, 0, -, 0
+    [1, 3, 0]
+    """
+    if k < 0:
+        raise InputError(f"the number of global sinks must be >= 0, got {k}")
+    counts = mask.sum(0)
+    layers = mask.shape[0]
+    first = torch.where(mask.any(0), mask.float().argmax(0), torch.full_like(counts, layers))
+    eligible = torch.nonzero(counts > 0).flatten()
+    if eligible.numel() == 0 or k == 0:
+        return torch.zeros(0, dtype=torch.long)
+    # One integer key, lexicographic in (count desc, first layer asc, position asc).
+    length = mask.shape[1]
+    key = (-counts[eligible]) * (layers + 1) * length + first[eligible] * length + eligible
+    order = torch.argsort(key, stable=True)
+    return eligible[order][:k].cpu()
+
+
+@dataclass
+class SinkResult:
+    """Per-layer sink scores of one input and its global sinks.
+
+    ``scores[i, t] = max over dims of phi(h_{layers[i], t})``; ``mask = scores > tau``.
+    Global sinks: ``K = int(length / k_divide)`` (or ``k``), see `select_global_sinks`.
+    ``positions`` holds the kept media positions (video, audio, image), ``video`` /
+    ``audio`` split them, ``dropped_text`` lists the kept text positions that were
+    dropped (they still use up ``K``). Re-threshold cheaply with `with_params`.
+    """
+
+    scores: Float[torch.Tensor, "layer token"]
+    layers: list[int]
+    dims: list[int]
+    tau: float
+    k_divide: float = 2.0
+    modality: str = ""            # one character per position: V video, A audio, I image, . text
+    k: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.scores = torch.as_tensor(self.scores, dtype=torch.float32).cpu()
+        if self.scores.dim() != 2:
+            raise InputError(f"scores must be [layer, token], got shape {tuple(self.scores.shape)}")
+        if self.k_divide <= 0:
+            raise InputError(f"k_divide must be positive, got {self.k_divide}")
+        if self.modality and len(self.modality) != self.scores.shape[1]:
+            raise InputError(f"modality has {len(self.modality)} labels for {self.scores.shape[1]} tokens")
+        self._cache: dict[str, torch.Tensor] = {}
+
+    # -- derived -----------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return int(self.scores.shape[1])
+
+    @property
+    def mask(self) -> Bool[torch.Tensor, "layer token"]:
+        return self.scores > self.tau
+
+    @property
+    def counts(self) -> Int[torch.Tensor, "token"]:
+        """In how many layers each position is a sink."""
+        return self.mask.sum(0)
+
+    @property
+    def first_layer(self) -> Int[torch.Tensor, "token"]:
+        """The first layer (index into ``layers``' values) where each position is a sink; -1 if never."""
+        mask = self.mask
+        idx = mask.float().argmax(0)
+        first = torch.tensor(self.layers, dtype=torch.long)[idx]
+        return torch.where(mask.any(0), first, torch.full_like(first, -1))
+
+    @property
+    def K(self) -> int:
+        return int(self.k) if self.k is not None else int(self.length / self.k_divide)
+
+    @property
+    def ranked(self) -> Int[torch.Tensor, "kept"]:
+        """The ``K`` global sinks in rank order, text positions included."""
+        if "ranked" not in self._cache:
+            self._cache["ranked"] = select_global_sinks(self.mask, self.K)
+        return self._cache["ranked"]
+
+    def modality_of(self, positions: torch.Tensor | None = None) -> list[str]:
+        labels = [_CODE_MODALITY[c] for c in self.modality] if self.modality else ["text"] * self.length
+        if positions is None:
+            return labels
+        return [labels[int(p)] for p in positions]
+
+    def _kept(self, which: set[str]) -> torch.Tensor:
+        ranked = self.ranked
+        keep = [int(p) for p, m in zip(ranked.tolist(), self.modality_of(ranked)) if m in which]
+        return torch.tensor(sorted(keep), dtype=torch.long)
+
+    @property
+    def positions(self) -> Int[torch.Tensor, "sinks"]:
+        """Kept global sinks of a media modality, sorted by position."""
+        return self._kept({"video", "audio", "image"})
+
+    @property
+    def video(self) -> Int[torch.Tensor, "sinks"]:
+        return self._kept({"video"})
+
+    @property
+    def audio(self) -> Int[torch.Tensor, "sinks"]:
+        return self._kept({"audio"})
+
+    @property
+    def dropped_text(self) -> Int[torch.Tensor, "sinks"]:
+        return self._kept({"text"})
+
+    def with_params(self, tau: float | None = None, k_divide: float | None = None,
+                    k: int | None | str = "keep") -> "SinkResult":
+        """The same scores with another ``tau`` / ``k_divide`` / ``k`` (no forward pass)."""
+        return SinkResult(self.scores, list(self.layers), list(self.dims), self.tau if tau is None else float(tau),
+                          self.k_divide if k_divide is None else float(k_divide), self.modality,
+                          self.k if k == "keep" else k, dict(self.meta))
+
+    # -- views -------------------------------------------------------------------
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per kept global sink (text included), in rank order."""
+        import pandas as pd
+
+        ranked = self.ranked.tolist()
+        counts, first = self.counts, self.first_layer
+        labels = self.modality_of()
+        return pd.DataFrame({
+            "rank": list(range(len(ranked))),
+            "position": ranked,
+            "modality": [labels[p] for p in ranked],
+            "layers_as_sink": [int(counts[p]) for p in ranked],
+            "first_sink_layer": [int(first[p]) for p in ranked],
+            "kept": [labels[p] != "text" for p in ranked],
+        })
+
+    def summary(self) -> dict[str, Any]:
+        return {"length": self.length, "layers": len(self.layers), "dims": self.dims, "tau": self.tau,
+                "K": self.K, "sink_positions_any_layer": int((self.counts > 0).sum()),
+                "kept": int(self.positions.numel()), "video": int(self.video.numel()),
+                "audio": int(self.audio.numel()), "dropped_text": int(self.dropped_text.numel())}
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return (f"SinkResult(T={s['length']}, layers={s['layers']}, dims={s['dims']}, tau={s['tau']:g}, K={s['K']}, "
+                f"video={s['video']}, audio={s['audio']}, dropped_text={s['dropped_text']})")
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in self.summary().items())
+        head = self.to_frame().head(20).to_html(index=False)
+        return f"<b>SinkResult</b><table>{rows}</table>{head}"
+
+    def plot(self, **kwargs: Any) -> "Figure":
+        """Sink mask heatmap (layer x token) with modality bands; see `analyses.plots.plot_sink_mask`."""
+        from .plots import plot_sink_mask
+
+        return plot_sink_mask(self, **kwargs)
+
+    # -- persistence -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "SinkResult", "version": 1, "scores": [[round(float(v), 5) for v in row]
+                                                                for row in self.scores.tolist()],
+                "layers": list(self.layers), "dims": list(self.dims), "tau": self.tau, "k_divide": self.k_divide,
+                "modality": self.modality, "k": self.k, "meta": self.meta}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """JSON text (written to ``path`` too when given)."""
+        text = json.dumps(self.to_dict())
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "SinkResult":
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text()
+        data = json.loads(text)
+        if data.get("kind") != "SinkResult":
+            raise InputError("this JSON does not hold a SinkResult")
+        return cls(torch.tensor(data["scores"], dtype=torch.float32).reshape(len(data["layers"]), -1),
+                   data["layers"], data["dims"], data["tau"], data["k_divide"], data["modality"], data["k"],
+                   data.get("meta", {}))
+
+
+def modality_codes(item: "AVInputs") -> str:
+    return "".join(_MODALITY_CODE[m] for m in item.spans.modality_of())
+
+
+def _check_k(k_divide: float, k: int | None) -> None:
+    if not k_divide > 0:
+        raise InputError(f"k_divide (N in K = int(T / N)) must be positive, got {k_divide}")
+    if k is not None and k < 0:
+        raise InputError(f"k must be >= 0, got {k}")
+
+
+def find_sinks(
+    model: "AVModel",
+    inputs: "AVInputs | Sequence[AVInputs]",
+    dims: Sequence[int] | None = None,
+    tau: float | None = None,
+    k_divide: float = 2,
+    *,
+    k: int | None = None,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> "SinkResult | list[SinkResult]":
+    """Per-layer sink mask and global sinks of each input (one prefill per batch, no logits).
+
+    ``dims``: sink dimensions (default: the adapter's known ones, else found from these
+    inputs with `find_sink_dims`, which costs one more pass). ``tau``: threshold (default
+    ``model.adapter.tau()``). ``k_divide``: N in ``K = int(T / N)``; ``k`` overrides K.
+    ``layers``: which layer inputs enter the count (default: all, ``0..L-1``).
+
+    >>> import nnsight_av as nav
+    >>> model = nav.testing.tiny_model()
+    >>> ex = model.prepare(audio=nav.testing.synthetic_tone(1.0), text="What is making the sound?")
+    >>> res = find_sinks(model, ex, dims=[0], tau=1e9)   # nothing crosses tau
+    >>> res.positions.tolist(), res.mask.shape == (4, len(ex))
+    ([], True)
+    """
+    items, single = as_list(inputs)
+    _check_k(k_divide, k)
+    dims = resolve_sink_dims(model, dims, items)
+    tau = float(model.adapter.tau() if tau is None else tau)
+    layer_list = list(range(model.num_layers)) if layers is None else sorted({model.check_layer(l) for l in layers})
+    results: list[SinkResult] = []
+    for chunk in progress_batches(items, batch_size, progress, "sinks"):
+        found, _ = run_prefill(model, chunk, residual_layers=layer_list,
+                               on_residual=lambda layer, h: sink_scores(h, dims).cpu())
+        for i, item in enumerate(chunk):
+            scores = torch.stack([found[l][i, :len(item)] for l in layer_list])
+            results.append(SinkResult(scores, layer_list, list(dims), tau, float(k_divide), modality_codes(item), k))
+    return results[0] if single else results
