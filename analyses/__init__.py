@@ -6,3 +6,9 @@ from .mds import MDSResult, SinkAnalysis, SinkSplit, mds_summary, modality_domin
 from .plots import plot_mds_distribution, plot_mds_heatmap, plot_sink_mask
 from .sinks import SinkResult, find_sink_dims, find_sinks, first_token_phi, phi, resolve_sink_dims
 from .sinks import select_global_sinks, sink_scores
+from .ablation import EncoderAblatedInputs, ablate, encoder_edit
+from .options import letter_probs, option_probs, option_token_ids
+from .dominance import DominanceResult, clip_dominance, dominance, dominance_label
+from .tracing import DEFAULT_TOKEN_SETS, SITES, TOKEN_SETS, PatchRunner, TraceResult, causal_trace, rank_agreement
+from .datasets import ClipRecord, read_dataset, write_dataset
+from .runner import PipelineConfig, PipelineResult, analyze_clip, merge_shards, run_clips, trace_dataset
