@@ -287,8 +287,9 @@ def _timestamp_block(ids: list[int], start: int, tokens: LayoutTokens, layout: M
     Video token ``k`` of temporal patch ``p`` has rope time ``p * seconds_per_patch * pps``,
     audio token ``j`` has time ``j``; the processor emits the video token first while its
     time is ``<=`` the next audio token's. The order found in ``ids`` is checked against
-    that rule (with a small tolerance, since the processor's float64 times and the
-    float32 ``video_second_per_grid`` tensor may differ in the last bit), and every
+    that rule; within ``1e-4`` of a tie either order is accepted, since the processor's
+    float64 times and the float32 ``video_second_per_grid`` tensor may differ in the last
+    bits (positions are read from the token ids either way, so spans stay exact). Every
     token goes to the chunk ``floor(time / (seconds_per_chunk * pps))``.
     """
     per_patch, patches = layout.video_tokens_per_patch[video], layout.video_patches[video]
@@ -313,7 +314,7 @@ def _timestamp_block(ids: list[int], start: int, tokens: LayoutTokens, layout: M
         else:
             expected = " or ".join(n for n, w in (("video", want_video), ("audio", want_audio)) if w)
             what = "end of sequence" if found is None else found
-            raise SpanError(f"layout mismatch at position {pos}: the timestamp rule expects a {expected} token "
+            raise SpanError(f"layout mismatch at position {pos}: by the timestamp rule the next token is {expected} "
                             f"(video {vi}/{len(video_times)}, audio {ai}/{audio_count} placed), found {what}")
         pos += 1
     chunks = [Chunk(c, _positions(by_chunk.get(c, ([], []))[0]), _positions(by_chunk.get(c, ([], []))[1]),
