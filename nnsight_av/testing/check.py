@@ -216,7 +216,7 @@ def _visual(spans: Any) -> torch.Tensor:
 class _Checker:
     def __init__(self, model: "AVModel", media: dict[str, Any], atol: float) -> None:
         self.model, self.adapter, self.media, self.atol = model, model.adapter, media, atol
-        self.inputs: dict[str, "AVInputs"] = {}
+        self.inputs: dict[str, Any] = {}
 
     def prepare(self, kind: str) -> "AVInputs":
         if kind not in self.inputs:
@@ -231,6 +231,15 @@ class _Checker:
             }
             self.inputs[kind] = builders[kind]()
         return self.inputs[kind]
+
+    def clean_logits(self, kind: str) -> torch.Tensor:
+        """Logits of one traced run of the ``kind`` input (cached: several checks compare against it)."""
+        key = f"logits:{kind}"
+        if key not in self.inputs:
+            with torch.no_grad(), self.model.trace(self.prepare(kind)):
+                logits = self.model.logits.save()
+            self.inputs[key] = logits
+        return self.inputs[key]
 
     def run_module(self, ex: "AVInputs", **kwargs: Any) -> Any:
         with torch.no_grad():
@@ -348,26 +357,55 @@ class _Checker:
         return f"{model.num_layers} layers of (1, {n}, {hidden}); logits {logits}"
 
     def wiring(self) -> str:
-        model = self.model
+        adapter, root = self.adapter, self.model._module
         ex = self.prepare("interleaved")
-        with torch.no_grad(), model.trace(ex):
-            embedded = model.embed.output.save()
-            pairs = nnsight.save([(model.layers[i].input, model.layers[i].output) for i in range(model.num_layers)])
-            norm_in = model.final_norm.input.save()
-            norm_out = model.final_norm.output.save()
-            head_in = model.lm_head.input.save()
+        # Plain hooks, not a trace: a wrong path may name a module that runs out of the expected order.
+        seen: dict[str, torch.Tensor] = {}
+        hooks = []
+
+        def first_tensor(value: Any) -> torch.Tensor:
+            return value if isinstance(value, torch.Tensor) else value[0]
+
+        def record(key: str, module: torch.nn.Module, inputs: bool, outputs: bool) -> None:
+            def pre(mod, args, kwargs):
+                seen.setdefault(f"{key}.input", first_tensor(args) if args else kwargs.get("hidden_states",
+                                                                                   next(iter(kwargs.values()))))
+
+            def post(mod, args, out):
+                seen.setdefault(f"{key}.output", first_tensor(out).detach().clone())
+
+            if inputs:
+                hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            if outputs:
+                hooks.append(module.register_forward_hook(post))
+
+        layers = get_module(root, adapter.paths["layers"])
+        record("embed", get_module(root, adapter.paths["embed"]), False, True)
+        for i, layer in enumerate(layers):
+            record(f"layer{i}", layer, True, True)
+        record("final_norm", get_module(root, adapter.paths["final_norm"]), True, True)
+        record("lm_head", get_module(root, adapter.paths["lm_head"]), True, False)
+        try:
+            self.run_module(ex)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        missing = [k for k in ("embed.output", "layer0.input", "final_norm.input", "lm_head.input") if k not in seen]
+        _require(not missing, f"modules at {', '.join(k.split('.')[0] for k in missing)} did not run in the forward")
         text = ex.spans.text
         plain = torch.tensor([p for p in range(len(ex)) if p not in set(_visual(ex.spans).tolist())], dtype=torch.long)
-        _require(torch.equal(embedded[0, text], pairs[0][0][0, text]),
-                 f"embed ({self.adapter.paths['embed']}) output is not layer 0's input at text positions")
-        for i in range(model.num_layers - 1):
-            _require(torch.equal(pairs[i][1][0, plain], pairs[i + 1][0][0, plain]),
-                     f"layer {i}'s output is not layer {i + 1}'s input (layers path {self.adapter.paths['layers']})")
-        _require(torch.equal(pairs[-1][1], norm_in),
-                 f"the last layer's output is not final_norm's input (final_norm path {self.adapter.paths['final_norm']})")
-        _require(torch.equal(norm_out, head_in),
-                 f"final_norm's output is not lm_head's input (final_norm {self.adapter.paths['final_norm']}, "
-                 f"lm_head {self.adapter.paths['lm_head']})")
+        _require(torch.equal(seen["embed.output"][0, text], seen["layer0.input"][0, text]),
+                 f"embed ({adapter.paths['embed']}) output is not layer 0's input at text positions")
+        for i in range(len(layers) - 1):
+            _require(torch.equal(seen[f"layer{i}.output"][0, plain], seen[f"layer{i + 1}.input"][0, plain]),
+                     f"layer {i}'s output is not layer {i + 1}'s input (layers path {adapter.paths['layers']})")
+        last = seen[f"layer{len(layers) - 1}.output"]
+        _require(last.shape == seen["final_norm.input"].shape and torch.equal(last, seen["final_norm.input"]),
+                 f"the last layer's output is not final_norm's input (final_norm path {adapter.paths['final_norm']})")
+        _require(seen["final_norm.output"].shape == seen["lm_head.input"].shape
+                 and torch.equal(seen["final_norm.output"], seen["lm_head.input"]),
+                 f"final_norm's output is not lm_head's input (final_norm {adapter.paths['final_norm']}, "
+                 f"lm_head {adapter.paths['lm_head']})")
         return "embed -> layers -> final_norm -> lm_head chain as the roles say"
 
     # attention ---------------------------------------------------------------------------------------
@@ -406,9 +444,7 @@ class _Checker:
     def edit(self) -> str:
         model = self.model
         ex = self.prepare("interleaved")
-        with torch.no_grad():
-            with model.trace(ex):
-                clean = model.logits.save()
+        clean = self.clean_logits("interleaved")
         messages = []
         for name in ("video", "audio"):
             span = getattr(ex.spans, name)
@@ -433,10 +469,7 @@ class _Checker:
                     batch_a = model.logits.save()
                 with tracer.invoke(b):
                     batch_b = model.logits.save()
-            with model.trace(a):
-                alone_a = model.logits.save()
-            with model.trace(b):
-                alone_b = model.logits.save()
+        alone_a, alone_b = self.clean_logits("interleaved"), self.clean_logits("interleaved_short")
         errors = []
         for ex, batched, alone in ((a, batch_a, alone_a), (b, batch_b, alone_b)):
             errors.append((batched[0, :len(ex)] - alone[0]).abs().max().item())

@@ -368,7 +368,8 @@ class SalmonnStyleProcessor:
         return out
 
     def save_pretrained(self, path: str | Path) -> None:
-        self.tokenizer.save_pretrained(str(path))
+        # A subfolder, so transformers' tokenizer loader never reads the model's config.json.
+        self.tokenizer.save_pretrained(str(Path(path) / "tokenizer"))
         (Path(path) / "processor_config.json").write_text(json.dumps({"chat_template": self.chat_template}))
 
     @classmethod
@@ -378,7 +379,7 @@ class SalmonnStyleProcessor:
         path = Path(path)
         config = SalmonnStyleConfig(**json.loads((path / "config.json").read_text()))
         extra = json.loads((path / "processor_config.json").read_text())
-        return cls(AutoTokenizer.from_pretrained(str(path)), config, chat_template=extra["chat_template"])
+        return cls(AutoTokenizer.from_pretrained(str(path / "tokenizer")), config, chat_template=extra["chat_template"])
 
 
 def tiny_salmonn_style(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
