@@ -283,14 +283,16 @@ def _sink_positions(sinks: Any, item: "AVInputs") -> tuple[torch.Tensor, list[st
             raise InputError(f"this SinkResult is for {sinks.length} tokens but the input has {len(item)}")
         pos = sinks.positions
     else:
-        pos = torch.as_tensor(sinks.tolist() if isinstance(sinks, torch.Tensor) else list(sinks), dtype=torch.long)
+        pos = torch.as_tensor(sinks.tolist() if isinstance(sinks, torch.Tensor) else [int(p) for p in sinks],
+                              dtype=torch.long).reshape(-1)
         if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= len(item)):
             from nnsight_av.errors import TokenSelectionError
 
             raise TokenSelectionError(f"sink positions must lie in [0, {len(item)})")
-    labels = item.spans.modality_of()
-    keep = sorted({int(p) for p in pos.tolist() if labels[int(p)] in _MODALITIES})
-    return torch.tensor(keep, dtype=torch.long), [labels[p] for p in keep]
+    codes = np.frombuffer(modality_codes(item).encode("ascii"), dtype=np.uint8)
+    keep = np.unique(pos.numpy())
+    keep = keep[np.isin(codes[keep], [ord("V"), ord("A")])]
+    return torch.from_numpy(keep).long(), ["video" if codes[p] == ord("V") else "audio" for p in keep]
 
 
 def modality_dominance(
@@ -411,13 +413,14 @@ def sink_analysis(
         scores_found, sums_found = run_prefill(
             model, chunk, residual_layers=layer_list, on_residual=lambda layer, h: sink_scores(h, dims),
             attention_layers=layer_list, on_attention=on_attention, fuse=fuse)
+        all_scores = torch.stack([scores_found[l] for l in layer_list]).cpu()                 # [L, B, T]
+        all_sums = torch.stack([sums_found[l] for l in layer_list]).cpu()                     # [L, B, 2, S]
         for i, item in enumerate(chunk):
             n = len(item)
-            scores = torch.stack([scores_found[l][i, :n].cpu() for l in layer_list])
-            sinks = SinkResult(scores, layer_list, list(dims), tau, float(k_divide), modality_codes(item), k)
+            sinks = SinkResult(all_scores[:, i, :n], layer_list, list(dims), tau, float(k_divide), modality_codes(item), k)
             pos, labels = _sink_positions(sinks, item)
             index = torch.searchsorted(cols[i], pos)
-            sums = torch.stack([sums_found[l][i].cpu() for l in layer_list])[:, :, index]     # [L, 2, S]
+            sums = all_sums[:, i][:, :, index]                                                # [L, 2, S]
             counts = _group_counts(gids[i], 2, pos, True)
             denom = (counts * model.num_heads).float()
             mean = torch.where(denom > 0, sums / denom.clamp(min=1), torch.zeros_like(sums))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 
@@ -246,15 +247,23 @@ class SinkResult:
         return self._cache["ranked"]
 
     def modality_of(self, positions: torch.Tensor | None = None) -> list[str]:
-        labels = [_CODE_MODALITY[c] for c in self.modality] if self.modality else ["text"] * self.length
-        if positions is None:
-            return labels
-        return [labels[int(p)] for p in positions]
+        """Modality label ("video", "audio", "image", "text") of every position, or of ``positions``."""
+        codes = self.codes if positions is None else self.codes[np.asarray(positions, dtype=np.int64)]
+        return [_CODE_MODALITY[chr(c)] for c in codes]
+
+    @property
+    def codes(self) -> np.ndarray:
+        """The modality string as a uint8 array (one ASCII code per position)."""
+        if "codes" not in self._cache:
+            text = self.modality or "." * self.length
+            self._cache["codes"] = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+        return self._cache["codes"]
 
     def _kept(self, which: set[str]) -> torch.Tensor:
         ranked = self.ranked
-        keep = [int(p) for p, m in zip(ranked.tolist(), self.modality_of(ranked)) if m in which]
-        return torch.tensor(sorted(keep), dtype=torch.long)
+        wanted = np.array([ord(_MODALITY_CODE[m]) for m in which], dtype=np.uint8)
+        keep = ranked.numpy()[np.isin(self.codes[ranked.numpy()], wanted)]
+        return torch.from_numpy(np.sort(keep)).long()
 
     @property
     def positions(self) -> Int[torch.Tensor, "sinks"]:
@@ -347,7 +356,11 @@ class SinkResult:
 
 
 def modality_codes(item: "AVInputs") -> str:
-    return "".join(_MODALITY_CODE[m] for m in item.spans.modality_of())
+    """One character per position: V video, A audio, I image, . text (as ``AVInputs.layout()``)."""
+    codes = np.full(len(item), ord("."), dtype=np.uint8)
+    for name in ("video", "audio", "image"):
+        codes[item.spans.get(name).numpy()] = ord(_MODALITY_CODE[name])
+    return codes.tobytes().decode("ascii")
 
 
 def _check_k(k_divide: float, k: int | None) -> None:
