@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from nnsight_av import AVInputs, AVModel
 
-__all__ = ["ASDConfig", "ASDOutput", "asd_generate", "strength_target", "next_strength", "strength_schedule",
+__all__ = ["ASDConfig", "ASDOutput", "asd_generate", "strength_target", "next_strength", "strength_schedule", "decode_attention",
            "asd_sink_sets", "SINK_SETS"]
 
 SINK_SETS = ("av", "va", "aa", "vv")
@@ -249,54 +249,269 @@ def asd_sink_sets(model: "AVModel", inputs: "AVInputs", config: ASDConfig = ASDC
 
 
 # ---------------------------------------------------------------------------------------
-# the attention hook: boost rows of the guided pass, statistics of the unguided one
+# decode attention on the GPU: one kernel for boost, softmax, output and statistics
 # ---------------------------------------------------------------------------------------
+_DECODE_KERNEL: Any = None
+
+
+def _decode_kernel() -> Any:
+    """Build (once) the Triton kernel for one query row per (batch, head) over the cached keys.
+
+    Online softmax over key blocks; on the way it adds ``alpha[b] * flag[t] * |a|`` (or
+    ``alpha[b] * flag[t]``) to the logits of flagged key columns, and accumulates the
+    probability mass on 8 weighted column sets (``W``; keys past the prompt count in set 4,
+    the text mass). Replaces the ~12 small torch kernels of the written-out attention.
+    """
+    global _DECODE_KERNEL
+    if _DECODE_KERNEL is not None:
+        return _DECODE_KERNEL
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def asd_decode_attention(
+        Q, K, V, OUT, FLAG, ALPHA, W, STATS,
+        sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, swt, ssb, ssh,
+        T, TP, H, GQA, scale,
+        D: tl.constexpr, DP: tl.constexpr, BLOCK_T: tl.constexpr, MULT: tl.constexpr, WITH_STATS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        kvh = h // GQA
+        offs_d = tl.arange(0, DP)
+        dmask = offs_d < D
+        offs_j = tl.arange(0, 8)
+        q = tl.load(Q + b * sqb + h * sqh + offs_d * sqd, mask=dmask, other=0.0).to(tl.float32) * scale
+        boost = tl.load(ALPHA + b)
+        m_i = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), axis=0)
+        l_i = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
+        acc = tl.zeros([DP], tl.float32)
+        st = tl.zeros([8], tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            tmask = offs_t < T
+            kv_mask = tmask[:, None] & dmask[None, :]
+            k = tl.load(K + b * skb + kvh * skh + offs_t[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask,
+                        other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1)
+            flag = tl.load(FLAG + offs_t, mask=offs_t < TP, other=0.0)
+            if MULT:
+                s = s + flag * boost
+            else:
+                s = s + flag * boost * tl.abs(s)
+            s = tl.where(tmask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            p = tl.exp(s - m_new)
+            corr = tl.exp(m_i - m_new)
+            l_i = l_i * corr + tl.sum(p, axis=0)
+            v = tl.load(V + b * svb + kvh * svh + offs_t[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask,
+                        other=0.0).to(tl.float32)
+            acc = acc * corr + tl.sum(p[:, None] * v, axis=0)
+            if WITH_STATS:
+                in_prompt = offs_t < TP
+                wv = tl.load(W + offs_t[:, None] * swt + offs_j[None, :], mask=in_prompt[:, None], other=0.0)
+                wv = tl.where((offs_t >= TP)[:, None] & (offs_j == 4)[None, :], 1.0, wv)
+                st = st * corr + tl.sum(p[:, None] * wv, axis=0)
+            m_i = m_new
+        tl.store(OUT + b * sob + h * soh + offs_d, (acc / l_i).to(OUT.dtype.element_ty), mask=dmask)
+        if WITH_STATS:
+            tl.store(STATS + b * ssb + h * ssh + offs_j, st / l_i)
+
+    _DECODE_KERNEL = asd_decode_attention
+    return _DECODE_KERNEL
+
+
+def _triton_ready(query: torch.Tensor) -> bool:
+    if not query.is_cuda or query.shape[2] != 1 or query.shape[-1] > 256:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, flag: torch.Tensor,
+    boost: torch.Tensor, weights: torch.Tensor, multiplicative: bool = False, backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query row per batch entry against the cached keys, with the ASD boost and statistics.
+
+    ``query [B, heads, 1, d]``, ``key``/``value [B, kv_heads, T, d]``; ``flag [TP]`` marks the
+    boosted key columns (1.0) among the first ``TP`` keys; ``boost [B]`` is each row's
+    ``alpha`` (0 for the unguided row; ``log1p(alpha)`` when ``multiplicative``);
+    ``weights [TP, 8]`` weight the probabilities into 8 sums (column 4 also counts every key
+    from ``TP`` on). Returns the output ``[B, 1, heads, d]`` (query dtype) and the sums
+    ``[B, heads, 8]`` (float32). ``backend``: "auto" (Triton on CUDA), "triton" or "torch".
+
+    >>> q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    >>> flag = torch.tensor([0, 1, 1, 0, 0.0]); w = torch.zeros(5, 8); w[1:3, 0] = 0.5
+    >>> out, sums = decode_attention(q, k, v, 0.3, flag, torch.tensor([0.0, 0.2]), w)
+    >>> ref, probs = boosted_attention(q, k, v, 0.3, batch=[1], columns=torch.tensor([1, 2]), alpha=0.2)
+    >>> torch.allclose(out, ref, atol=1e-6), torch.allclose(sums[..., 0], probs[:, :, 0, 1:3].mean(-1), atol=1e-6)
+    (True, True)
+    """
+    b, h, n, d = query.shape
+    if n != 1:
+        raise InputError(f"decode_attention takes one query row, got {n}")
+    tk, tp = key.shape[2], flag.shape[0]
+    use_triton = backend == "triton" or (backend == "auto" and _triton_ready(query))
+    if use_triton:
+        import triton
+
+        kernel = _decode_kernel()
+        out = torch.empty(b, 1, h, d, dtype=query.dtype, device=query.device)
+        sums = torch.empty(b, h, 8, dtype=torch.float32, device=query.device)
+        weights = weights.contiguous()
+        kernel[(b * h,)](
+            query, key, value, out, flag, boost, weights, sums,
+            query.stride(0), query.stride(1), query.stride(3), key.stride(0), key.stride(1), key.stride(2),
+            key.stride(3), value.stride(0), value.stride(1), value.stride(2), value.stride(3),
+            out.stride(0), out.stride(2), weights.stride(0), sums.stride(0), sums.stride(1),
+            tk, tp, h, h // key.shape[1], float(scale),
+            D=d, DP=triton.next_power_of_2(max(d, 16)), BLOCK_T=64, MULT=bool(multiplicative), WITH_STATS=True,
+            num_warps=4,
+        )
+        return out, sums
+    kv = key.shape[1]
+    logits = torch.matmul(query.float().reshape(b, kv, h // kv, d), key.float().transpose(-1, -2)).view(b, h, tk)
+    logits = logits * scale
+    bonus = flag.to(logits.dtype)[None, None, :] * boost.to(logits.dtype)[:, None, None]
+    head = logits[..., :tp]
+    head = head + (bonus if multiplicative else bonus * head.abs())
+    logits = torch.cat([head, logits[..., tp:]], dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.matmul(probs.view(b, kv, h // kv, tk), value.float()).view(b, 1, h, d)
+    full = torch.zeros(tk, 8, dtype=torch.float32, device=query.device)
+    full[:tp] = weights.float()
+    full[tp:, 4] = 1.0
+    return out.to(query.dtype), probs @ full
+
+
+# ---------------------------------------------------------------------------------------
+# the attention hook: fused sink analysis in the prefill, boost and statistics while decoding
+# ---------------------------------------------------------------------------------------
+def _row_probs(query_row: torch.Tensor, key: torch.Tensor, scale: float,
+               lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention probabilities ``[heads, T]`` of one query row ``[heads, d]`` over ``key [kv, T, d]``."""
+    h, d = query_row.shape
+    kv, tk = key.shape[0], key.shape[1]
+    logits = torch.matmul(query_row.float().reshape(kv, h // kv, d), key.float().transpose(-1, -2)).reshape(h, tk)
+    logits = logits * scale
+    if lse is None:
+        return torch.softmax(logits, dim=-1)
+    return torch.exp(logits - lse.float()[:, None])
+
+
 class _ASDHook(AttentionHook):
-    def __init__(self, attention_modules: Sequence[torch.nn.Module], config: ASDConfig, boost_layers: list[int],
-                 target_layers: list[int], boost_cols: torch.Tensor, weights: torch.Tensor, tail_start: int,
-                 device: torch.device) -> None:
+    """Modes: "analysis" (prefill with the sink analysis fused in), "prefill" (statistics of the last
+    row only), "tail" (guided recompute of the prompt's tail), "decode" (batch of two)."""
+
+    def __init__(self, attention_modules: Sequence[torch.nn.Module], config: ASDConfig, target_layers: list[int],
+                 device: torch.device, num_heads: int, backend: str = "auto") -> None:
         super().__init__(attention_modules)
         self.config = config
-        self.boost = frozenset(boost_layers) if boost_cols.numel() and config.alpha > 0 else frozenset()
+        self.num_heads = num_heads
+        self.last_rows: dict[int, torch.Tensor] = {}
         self.target = {layer: i for i, layer in enumerate(target_layers)}
-        self.cols = boost_cols.to(device)
-        self.weights = weights.to(device)                  # [T_prompt, 4]: av, va, aa, vv
-        self.prompt = weights.shape[0]
-        self.tail_start = tail_start
-        self.buffer = torch.zeros(len(target_layers), 5, dtype=torch.float32, device=device)
+        self.device = device
+        self.backend = backend
+        self.boost: frozenset[int] = frozenset()
         self.mode = "prefill"
         self.guided: tuple[int, ...] = ()
         self.rows: torch.Tensor | None = None
+        self.buffer = torch.zeros(len(target_layers), 5, dtype=torch.float32, device=device)
+        self.decode_buffer: torch.Tensor | None = None
+        # fused analysis
+        self.media_cols: torch.Tensor | None = None
+        self.row_groups: torch.Tensor | None = None
+        self.col_sums: dict[int, torch.Tensor] = {}
+
+    def set_sets(self, sets: dict[str, torch.Tensor], boost_layers: list[int], length: int, tail_start: int) -> None:
+        """Fix the sink sets once they are known (after the analysis prefill)."""
+        config = self.config
+        self.cols = torch.unique(torch.cat([sets[name] for name in config.boost_sets])).to(self.device)
+        self.boost = frozenset(boost_layers) if self.cols.numel() and config.alpha > 0 else frozenset()
+        weights = torch.zeros(length, 8, dtype=torch.float32)
+        for j, name in enumerate(SINK_SETS):
+            pos = sets[name]
+            if pos.numel():
+                weights[pos, j] = 1.0 / pos.numel() if config.sink_reduce == "mean" else 1.0
+        weights[tail_start:, 4] = 1.0
+        self.weights = weights.to(self.device)
+        self.tail_start = tail_start
+        flag = torch.zeros(length, dtype=torch.float32)
+        flag[self.cols.cpu()] = 1.0
+        self.flag = flag.to(self.device)
+        amount = math.log1p(config.alpha) if config.boost_mode == "multiplicative" else config.alpha
+        self.amount = amount
 
     def _record(self, layer: int, probs: torch.Tensor) -> None:
         """``probs [heads, keys]`` of the unguided last query row."""
-        sinks = probs[:, : self.prompt] @ self.weights                          # [heads, 4]
+        sums = probs[:, : self.weights.shape[0]] @ self.weights[:, :4]          # [heads, 4]
         mass = probs[:, self.tail_start:].sum(-1)                                # [heads]
-        self.buffer[self.target[layer], :4] = sinks.mean(0)
+        self.buffer[self.target[layer], :4] = sums.mean(0)
         self.buffer[self.target[layer], 4] = mass.mean()
 
     def attend(self, layer, module, query, key, value, mask, scale):
-        boost = layer in self.boost and self.mode in ("tail", "decode") and len(self.guided) > 0
-        stats = layer in self.target and self.mode in ("prefill", "decode")
-        if self.mode == "prefill":
+        mode = self.mode
+        if mode == "analysis":
+            return self._analysis(layer, query, key, value, mask, scale)
+        stats = layer in self.target
+        if mode == "prefill":
             if stats:
-                # The prompt's last row sees every key: its statistics for the diagnostics of step 1.
-                _, probs = boosted_attention(query[:1, :, -1:], key[:1], value[:1], scale, mask=None)
-                self._record(layer, probs[0, :, 0])
+                self._record(layer, _row_probs(query[0, :, -1], key[0], scale))
             return None
+        boost = layer in self.boost and len(self.guided) > 0
+        if mode == "decode" and (boost or stats) and mask is None and query.shape[2] == 1:
+            amounts = self.decode_amounts if boost else self.zero_amounts
+            out, sums = decode_attention(query, key, value, scale, self.flag, amounts, self.weights,
+                                         self.config.boost_mode == "multiplicative", self.backend)
+            if stats:
+                self.decode_buffer[self.target[layer]] = sums[0, :, :5]
+            return out
         if not (boost or stats):
             return None
-        out, probs = boosted_attention(query, key, value, scale, mask,
-                                       batch=self.guided if boost else (), rows=self.rows, columns=self.cols,
-                                       alpha=self.config.alpha, mode=self.config.boost_mode)
-        if stats:
+        out, probs = boosted_attention(query, key, value, scale, mask, batch=self.guided if boost else (),
+                                       rows=self.rows, columns=self.cols, alpha=self.config.alpha,
+                                       mode=self.config.boost_mode)
+        if stats and mode == "decode":
             self._record(layer, probs[0, :, -1])
         return out
 
+    def start_decode(self, batch: int) -> None:
+        self.mode = "decode"
+        self.guided = (1,) if batch == 2 else ()
+        self.rows = None
+        self.decode_amounts = torch.tensor([0.0, self.amount][:batch], dtype=torch.float32, device=self.device)
+        self.zero_amounts = torch.zeros(batch, dtype=torch.float32, device=self.device)
+        self.decode_buffer = torch.zeros(len(self.target), self.num_heads, 5, dtype=torch.float32, device=self.device)
+
+    def _analysis(self, layer, query, key, value, mask, scale):
+        from .attention import attention_with_lse, column_sums
+
+        if mask is not None or query.shape[2] != key.shape[2] or query.shape[0] != 1:
+            raise InputError("the fused sink analysis needs one unpadded prompt")
+        out, lse = attention_with_lse(query, key, value, scale)
+        if self.media_cols.numel():
+            sums = column_sums(query, key, lse, self.media_cols, self.row_groups, 2, scale, True)
+            self.col_sums[layer] = sums.sum(1)[0]                                  # [2 groups, columns]
+        if layer in self.target:
+            self.last_rows[layer] = _row_probs(query[0, :, -1], key[0], scale, lse[0, :, -1])
+        return out.transpose(1, 2).contiguous()
+
     def read(self) -> np.ndarray:
-        values = self.buffer.cpu().numpy().astype(np.float64)
+        """Per target layer ``[av, va, aa, vv, text mass]`` of the last step (and reset)."""
+        if self.mode == "decode" and self.decode_buffer is not None:
+            values = self.decode_buffer.mean(1)
+            self.decode_buffer.zero_()
+            # A layer served by the written-out path (a mask was present) recorded into `buffer`.
+            values = values + self.buffer
+        else:
+            values = self.buffer.clone()
         self.buffer.zero_()
-        return values
+        return values.cpu().numpy().astype(np.float64)
 
 
 def _statistics(values: np.ndarray, config: ASDConfig) -> tuple[float, float, float, float]:
@@ -307,6 +522,36 @@ def _statistics(values: np.ndarray, config: ASDConfig) -> tuple[float, float, fl
     m = float(values[:, 4].mean())
     w = c / (c + u + config.eps)
     return w, m, c, u
+
+
+def _fused_sink_sets(hook: _ASDHook, scores: dict[int, torch.Tensor], ex: "AVInputs", dims: list[int], tau: float,
+                     config: ASDConfig, num_layers: int, num_heads: int) -> dict[str, torch.Tensor]:
+    """Global sinks and their MDS split from the fused prefill (what `sink_analysis` computes)."""
+    from .mds import MDSResult
+    from .sinks import SinkResult
+
+    layers = list(range(num_layers))
+    score = torch.stack([scores[l].float().cpu() for l in layers])
+    sinks = SinkResult(score, layers, list(dims), tau, float(config.k_divide), ex.layout())
+    labels = ex.spans.modality_of()
+    keep = [int(p) for p in sinks.positions.tolist() if labels[int(p)] in ("video", "audio")]
+    pos = torch.tensor(keep, dtype=torch.long)
+    cols = hook.media_cols.cpu()
+    if pos.numel() == 0:
+        empty = torch.zeros(num_layers, 0)
+        result = MDSResult(pos, [], layers, empty, empty.clone())
+    else:
+        index = torch.searchsorted(cols, pos)
+        sums = torch.stack([hook.col_sums[l].float().cpu() for l in layers])[:, :, index]    # [L, 2, S]
+        groups = hook.row_groups.cpu()
+        counts = torch.zeros(2, pos.numel(), dtype=torch.long)
+        for g in range(2):
+            rows = torch.nonzero(groups == g).flatten()
+            counts[g] = rows.numel() - torch.searchsorted(rows, pos, right=True)
+        denom = (counts * num_heads).float()
+        mean = torch.where(denom > 0, sums / denom.clamp(min=1), torch.zeros_like(sums))
+        result = MDSResult(pos, [labels[p] for p in keep], layers, mean[:, 0], mean[:, 1])
+    return _as_sets(result.split(rule=config.split_rule), len(ex))
 
 
 # ---------------------------------------------------------------------------------------
@@ -382,7 +627,8 @@ class ASDOutput(DecodeOutput):
                     ax.axvspan(step - 0.5, step + 0.5, color="0.85", zorder=0)
         if tokenizer is not None and len(steps) <= 40:
             bottom.set_xticks(steps)
-            bottom.set_xticklabels([tokenizer.decode([t]) for t in self.token_ids], rotation=90)
+            # repr keeps control characters of odd tokens printable
+            bottom.set_xticklabels([repr(tokenizer.decode([t]))[1:-1] for t in self.token_ids], rotation=90)
         top.set_title(f"ASD: {self.text[:70]!r}")
         fig.tight_layout()
         return fig
@@ -399,14 +645,18 @@ def asd_generate(
     *,
     sinks: Any = None,
     keep_logprobs: bool = False,
+    backend: str = "auto",
 ) -> ASDOutput:
     """Sink-guided decoding (greedy choice on the mixed log-probabilities).
 
     ``sinks``: the av/va/aa/vv sets to use (a `SinkSplit`, `SinkAnalysis`, or a mapping of
-    positions); default: found on the prompt with `asd_sink_sets` (one extra prefill).
-    If the input lacks audio or video, or no column is left to boost, every step falls back
-    to greedy (``steps["fallback"]``, with the reason); a step whose statistics are unusable
-    (no attention on any sink set) falls back too. Nothing becomes NaN.
+    positions); default: found on the prompt as `asd_sink_sets` does (global sinks with
+    ``N = config.k_divide``, MDS split), fused into the prefill that starts the KV cache.
+    If the input lacks audio or video, no sink dimension is known, or no column is left to
+    boost, every step falls back to greedy (``steps["fallback"]``, with the reason); a step
+    whose statistics are unusable (no attention on any sink set) falls back too. Nothing
+    becomes NaN. ``backend``: decode attention through the Triton kernel on CUDA ("auto"),
+    or the written-out torch path ("torch").
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
@@ -417,103 +667,132 @@ def asd_generate(
     >>> out.steps["s"][0], len(out.steps["w"]) == out.num_new_tokens
     (0.0, True)
     """
+    from .sinks import resolve_sink_dims, sink_scores
+
     _check_tokens(max_new_tokens)
     if not isinstance(config, ASDConfig):
         raise InputError(f"config must be an ASDConfig, got {type(config).__name__}")
+    if backend not in ("auto", "triton", "torch"):
+        raise InputError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     ex = _as_inputs(model, inputs)
     decoder = Decoder(model)
     length = len(ex)
-    start = time.perf_counter()
-
-    reason_global = ""
-    if sinks is None:
-        try:
-            sets = asd_sink_sets(model, ex, config)
-        except InputError as error:
-            sets = {name: torch.zeros(0, dtype=torch.long) for name in SINK_SETS}
-            reason_global = f"no sink sets: {error}"
-    else:
-        sets = _as_sets(sinks, length)
-    boost_cols = torch.unique(torch.cat([sets[name] for name in config.boost_sets]))
-    if not reason_global and boost_cols.numel() == 0:
-        reason_global = "no cross-modal sink to boost"
-
+    layers = decoder.num_layers
     labels = ex.spans.modality_of()
-    weights = torch.zeros(length, len(SINK_SETS), dtype=torch.float32)
-    for j, name in enumerate(SINK_SETS):
-        pos = sets[name]
-        if pos.numel():
-            weights[pos, j] = 1.0 / pos.numel() if config.sink_reduce == "mean" else 1.0
     media = ex.spans.media
     tail_start = int(media.max()) + 1 if media.numel() else 0
-    layers = decoder.num_layers
-    hook = _ASDHook(decoder.attention, config, config.boost_layers(layers), config.target_layers(layers), boost_cols,
-                    weights, tail_start, decoder.device)
+    start = time.perf_counter()
 
-    # First boosted query row: the first text row after the earliest boosted column (earlier text rows
-    # cannot see any boosted column, so the guided pass equals the unguided one up to there).
-    if config.boost_rows == "text" and boost_cols.numel():
-        first_col = int(boost_cols.min())
-        later_text = [p for p in range(first_col + 1, length) if labels[p] == "text"]
-        first_row = later_text[0] if later_text else length
+    hook = _ASDHook(decoder.attention, config, config.target_layers(layers), decoder.device, model.num_heads, backend)
+    empty = {name: torch.zeros(0, dtype=torch.long) for name in SINK_SETS}
+    reason_global = ""
+    scores: dict[int, torch.Tensor] = {}
+    handles: list[Any] = []
+    fused = sinks is None
+    dims: list[int] = []
+    tau = float(model.adapter.tau() if config.tau is None else config.tau)
+    if fused:
+        video, audio = ex.spans.video, ex.spans.audio
+        if video.numel() == 0 or audio.numel() == 0:
+            reason_global = "no sink sets: the input lacks audio or video tokens"
+        else:
+            dims = resolve_sink_dims(model, config.sink_dims, ex)
+            if not dims:
+                reason_global = "no sink sets: no sink dimension is known or found for this model"
+        if reason_global:
+            fused, sets = False, empty
+        else:
+            hook.media_cols = torch.sort(torch.cat([video, audio])).values.to(decoder.device)
+            groups = torch.full((length,), -1, dtype=torch.long)
+            groups[video], groups[audio] = 0, 1
+            hook.row_groups = groups.to(decoder.device)
+
+            def residual(layer: int) -> Any:
+                def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                    hidden = args[0] if args else kwargs["hidden_states"]
+                    scores[layer] = sink_scores(hidden[0], dims)
+                return pre
+
+            handles = [decoder.layers[l].register_forward_pre_hook(residual(l), with_kwargs=True)
+                       for l in range(layers)]
     else:
-        first_row = length
-    tail_rows = torch.tensor([p - first_row for p in range(first_row, length) if labels[p] == "text"],
-                             dtype=torch.long, device=decoder.device)
+        sets = _as_sets(sinks, length)
 
     steps: dict[str, list[Any]] = {k: [] for k in ("s", "target", "w", "m", "C", "U", "fallback", "reason", "changed")}
     kept: list[torch.Tensor] = []
     ids: list[int] = []
     finished = False
-    guided_on = not reason_global
 
-    def record(s: float, target: float, w: float, m: float, c: float, u: float, fallback: bool, reason: str,
-               changed: bool) -> None:
-        for key, value in zip(steps, (s, target, w, m, c, u, fallback, reason, changed)):
+    def record(*values: Any) -> None:
+        for key, value in zip(steps, values):
             steps[key].append(value)
 
     with torch.inference_mode(), decoder.hooked(hook):
-        hook.mode = "prefill"
-        prefill = decoder.prefill(decoder.data(ex))
+        if fused:
+            hook.mode = "analysis"
+        else:
+            hook.set_sets(sets, config.boost_layers(layers), length, tail_start)
+            hook.mode = "prefill"
+        try:
+            prefill = decoder.prefill(decoder.data(ex))
+        finally:
+            for handle in handles:
+                handle.remove()
+        if fused:
+            sets = _fused_sink_sets(hook, scores, ex, dims, tau, config, layers, model.num_heads)
+            hook.set_sets(sets, config.boost_layers(layers), length, tail_start)
+            for layer, probs in hook.last_rows.items():
+                hook._record(layer, probs)
+            hook.mode = "prefill"
         first_stats = hook.read()
+        boost_cols = hook.cols.cpu()
+        if not reason_global and boost_cols.numel() == 0:
+            reason_global = "no cross-modal sink to boost"
+        guided_on = not reason_global
+
+        # First boosted query row: the first text row after the earliest boosted column (earlier text
+        # rows cannot see any boosted column, so the guided pass equals the unguided one up to there).
+        if config.boost_rows == "text" and boost_cols.numel():
+            first_col = int(boost_cols.min())
+            later_text = [p for p in range(first_col + 1, length) if labels[p] == "text"]
+            first_row = later_text[0] if later_text else length
+        else:
+            first_row = length
+
         unguided = torch.log_softmax(prefill.logits[0], -1)
         guided = unguided
         if guided_on:
             kv = decoder.kv(prefill.cache)
             if first_row < length:
-                hook.mode, hook.guided, hook.rows = "tail", (0,), tail_rows
+                hook.mode, hook.guided = "tail", (0,)
+                hook.rows = torch.tensor([p - first_row for p in range(first_row, length) if labels[p] == "text"],
+                                         dtype=torch.long, device=decoder.device)
                 guided_cache = decoder.new_cache([(k[:, :, :first_row], v[:, :, :first_row]) for k, v in kv])
                 positions = None if prefill.positions is None else prefill.positions[..., first_row:]
-                guided_logits = decoder.run(prefill.embeds[:, first_row:], positions, guided_cache)
-                guided = torch.log_softmax(guided_logits[0], -1)
+                guided = torch.log_softmax(decoder.run(prefill.embeds[:, first_row:], positions, guided_cache)[0], -1)
                 guided_kv = decoder.kv(guided_cache)
             else:
                 guided_kv = kv
             cache = decoder.new_cache([(torch.cat([k0, kg]), torch.cat([v0, vg]))
                                        for (k0, v0), (kg, vg) in zip(kv, guided_kv)])
-            hook.guided, hook.rows = (1,), None
         else:
             cache = prefill.cache
-        hook.mode = "decode"
         batch = 2 if guided_on else 1
+        hook.start_decode(batch)
 
         w, m, c, u = _statistics(first_stats, config)
-        previous = float(config.first_strength)
+        previous = 0.0
         for step in range(max_new_tokens):
             if step == 0:
-                s, target, fallback = previous, 0.0, not guided_on
-                reason = reason_global or "first token"
-                if not guided_on:
-                    s = 0.0
+                s = float(config.first_strength) if guided_on else 0.0
+                target, fallback, reason = 0.0, not guided_on, reason_global or "first token"
+            elif guided_on and math.isfinite(w) and math.isfinite(m) and (c + u) > 0:
+                target = strength_target(w, m, config)
+                s = config.momentum * previous + (1.0 - config.momentum) * target
+                fallback, reason = False, ""
             else:
-                usable = guided_on and math.isfinite(w) and math.isfinite(m) and (c + u) > 0
-                if usable:
-                    target = strength_target(w, m, config)
-                    s = config.momentum * previous + (1.0 - config.momentum) * target
-                    fallback, reason = False, ""
-                else:
-                    target, s, fallback = 0.0, 0.0, True
-                    reason = reason_global or "no attention on any sink set"
+                target, s, fallback = 0.0, 0.0, True
+                reason = reason_global or "no attention on any sink set"
             mixed = unguided if s == 0.0 else unguided + s * (guided - unguided)
             token = mixed.argmax()
             value = int(token)
@@ -536,7 +815,8 @@ def asd_generate(
     return ASDOutput(
         "asd", decoder.decode_text(ids), ids, length, ms, finished,
         {"max_new_tokens": max_new_tokens, "config": config.to_dict()},
-        {"first_boosted_row": first_row, "boost_columns": int(boost_cols.numel())},
+        {"first_boosted_row": first_row, "boost_columns": int(boost_cols.numel()), "sink_dims": list(dims),
+         "tau": tau if fused else None},
         steps, {name: sets[name].tolist() for name in SINK_SETS},
         torch.stack(kept) if keep_logprobs and kept else None,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,19 +62,27 @@ def main() -> None:
             "hf_generate": hf,
         }
         methods = list(dict.fromkeys(["greedy", *args.methods]))
-        for name in methods:
-            if name not in calls:
-                raise SystemExit(f"unknown method {name!r}; choose from {sorted(calls)}")
-            timing = cuda_timer(calls[name], warmup=1, repeat=args.repeat)
-            run["ms_per_token"][name] = timing["ms"] / n
-            run.setdefault("peak_extra_gib", {})[name] = timing["peak_extra_gib"]
+        unknown = [name for name in methods if name not in calls]
+        if unknown:
+            raise SystemExit(f"unknown methods {unknown}; choose from {sorted(calls)}")
+        for name in methods:                       # warm-up, and the outputs for the report
+            out = calls[name]()
             if name != "hf_generate":
-                out = calls[name]()
                 assert out.num_new_tokens == n, (name, out.num_new_tokens)
                 run["outputs"][name] = out.token_ids[:16]
                 if name == "asd":
                     run["asd_mean_strength"] = float(out.s.mean())
                     run["asd_fallback_steps"] = int(out.fallback.sum())
+        # Round-robin repeats: clock and load drift on a shared machine hit every method alike.
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        for _ in range(args.repeat):
+            for name in methods:
+                timing = cuda_timer(calls[name], warmup=0, repeat=1)
+                times[name].append(timing["ms"])
+                run.setdefault("peak_extra_gib", {})[name] = timing["peak_extra_gib"]
+        for name in methods:
+            run["ms_per_token"][name] = float(np.median(times[name])) / n
+            print(f"{name}: {run['ms_per_token'][name]:.2f} ms/token", file=sys.stderr, flush=True)
         base = run["ms_per_token"]["greedy"]
         run["ratio_vs_greedy"] = {k: v / base for k, v in run["ms_per_token"].items()}
         results["runs"].append(run)
