@@ -192,6 +192,13 @@ class SalmonnStyleModel(nn.Module):
     def generation_config(self) -> Any:
         return self.lm.generation_config
 
+    # transformers-style accessors, which generic code calls on any model
+    def get_input_embeddings(self) -> nn.Module:
+        return self.lm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm.get_output_embeddings()
+
     @property
     def device(self) -> torch.device:
         return self.lm.device
