@@ -486,3 +486,27 @@ def test_guide_code_is_quoted_from_the_adapter_and_the_example(example):
         if block not in quoted:
             exec(compile(block, "docs/adapters.md", "exec"), namespace)
     assert isinstance(namespace.get("report"), AdapterReport) and namespace["report"].ok
+
+
+# -- the analyses run unchanged on the new architectures ----------------------------------------------
+@pytest.mark.parametrize("fixture", ["qwen3", "salmonn"])
+def test_analyses_run_unchanged(fixture, request):
+    from analyses import sink_analysis
+    from analyses.asd import asd_generate
+    from analyses.decoding import greedy_generate
+
+    model = request.getfixturevalue(fixture)
+    ex = model.prepare(video=frames(4.0, 2, 64), audio=tone(4.0), text="Describe what you see and hear")
+    # Random weights have no massive activations: plant the sink test (two dims, tau 0: every token passes).
+    sinks, mds = sink_analysis(model, ex, dims=[0, 1], tau=0.0, progress=False)
+    media = set(ex.spans.media.tolist())
+    assert set(sinks.positions.tolist()) <= media and len(sinks.positions) > 0
+    values = mds.mds[~torch.isnan(mds.mds)]
+    assert bool(((values >= -1) & (values <= 1)).all())
+    # The analyses' own KV-cache decoder must agree with the model's generate (rope, merging, cache).
+    greedy = greedy_generate(model, ex, max_new_tokens=3)
+    with torch.no_grad(), model.generate(ex, max_new_tokens=3, do_sample=False) as tracer:
+        ids = tracer.result.save()
+    assert greedy.token_ids == ids[0, len(ex):].tolist()[:len(greedy.token_ids)]
+    guided = asd_generate(model, ex, max_new_tokens=2)
+    assert guided.num_new_tokens >= 1 and set(guided.sinks) >= {"av", "va", "aa", "vv"}
