@@ -1,0 +1,166 @@
+"""Greedy, VCD and FMD decoding against plain references (full forwards without a KV cache)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import nnsight_av as nav
+from analyses.decoding import (DecodeOutput, blank_modality, fmd_generate, greedy_generate, noised_features,
+                               vcd_generate)
+
+N_NEW = 6
+
+
+def extended(data, ids):
+    data = dict(data)
+    extra = torch.tensor([ids] * data["input_ids"].shape[0], dtype=torch.long)
+    data["input_ids"] = torch.cat([data["input_ids"], extra], 1)
+    data["attention_mask"] = torch.cat([data["attention_mask"], torch.ones_like(extra)], 1)
+    return data
+
+
+def full_logits(model, data, ids):
+    """Last-position logits of every batch row after appending ``ids`` (no cache)."""
+    with torch.no_grad():
+        return model._module(**extended(data, ids), use_cache=False).logits[:, -1].float()
+
+
+def test_greedy_equals_hf_generate(tiny, av_example):
+    out = greedy_generate(tiny, av_example, 10)
+    with torch.no_grad():
+        ref = tiny._module.generate(**av_example.data, max_new_tokens=10, do_sample=False)
+    assert out.token_ids == ref[0, len(av_example):].tolist()
+    assert out.method == "greedy" and out.prompt_length == len(av_example) and out.ms > 0
+    assert out.text == tiny.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_greedy_stops_at_eos(tiny, av_example):
+    out = greedy_generate(tiny, av_example, 3)
+    eos = out.token_ids[1]                          # pretend the 2nd token is the end of the answer
+    config = tiny._module.generation_config
+    previous = config.eos_token_id
+    config.eos_token_id = eos
+    try:
+        stopped = greedy_generate(tiny, av_example, 3)
+    finally:
+        config.eos_token_id = previous
+    assert stopped.token_ids == out.token_ids[:2] and stopped.finished and not out.finished
+
+
+def test_vcd_equals_the_formula_on_uncached_forwards(tiny, av_example):
+    alpha, beta = 1.5, 0.2
+    out = vcd_generate(tiny, av_example, N_NEW, alpha=alpha, beta=beta, noise_step=600, seed=3)
+    clean = dict(av_example.data)
+    noisy = noised_features(clean, 600, 3)
+    ids = []
+    for _ in range(N_NEW):
+        lc, ln = full_logits(tiny, clean, ids)[0], full_logits(tiny, noisy, ids)[0]
+        p = torch.softmax(lc, -1)
+        score = (1 + alpha) * lc - alpha * ln
+        score[p < beta * p.max()] = -math.inf
+        ids.append(int(score.argmax()))
+    assert out.token_ids == ids
+    # alpha = 0 and no cut-off: greedy
+    assert vcd_generate(tiny, av_example, N_NEW, alpha=0.0, beta=0.0).token_ids == \
+        greedy_generate(tiny, av_example, N_NEW).token_ids
+
+
+def test_noised_features_follow_the_diffusion_schedule(av_example):
+    data = av_example.data
+    a = noised_features(data, 500, seed=0)
+    b = noised_features(data, 500, seed=0)
+    assert torch.equal(a["pixel_values_videos"], b["pixel_values_videos"])        # seeded
+    assert torch.equal(a["input_ids"], data["input_ids"])                        # text untouched
+    keep = float(np.prod(1 - np.linspace(1e-4, 0.02, 1000)[:501]))
+    x, y = data["input_features"], a["input_features"]
+    eps = (y - math.sqrt(keep) * x) / math.sqrt(1 - keep)
+    assert abs(float(eps.mean())) < 0.02 and abs(float(eps.std()) - 1) < 0.02
+    only_audio = noised_features(data, 500, modalities=("audio",))
+    assert torch.equal(only_audio["pixel_values_videos"], data["pixel_values_videos"])
+    with pytest.raises(nav.InputError, match="noise_step"):
+        noised_features(data, 1000)
+    with pytest.raises(nav.InputError, match="no video"):
+        noised_features({"input_ids": data["input_ids"]}, 10, modalities=("video",))
+
+
+def fork_merge_reference(model, audio_only, video_only, fork, w, steps):
+    """FMD written plainly: batch [audio-only, video-only], hidden states merged at layer ``fork``."""
+    batch = model.adapter.collate([audio_only.data, video_only.data])
+    layer = model._module.model.layers[fork]
+
+    def merge(module, args, kwargs):
+        h = args[0]
+        mixed = (w * h[0] + (1 - w) * h[1])[None].expand_as(h)
+        return (mixed, *args[1:]), kwargs
+
+    handle = layer.register_forward_pre_hook(merge, with_kwargs=True)
+    try:
+        ids = []
+        for _ in range(steps):
+            ids.append(int(full_logits(model, batch, ids)[0].argmax()))
+    finally:
+        handle.remove()
+    return ids
+
+
+def test_fmd_equals_a_plain_fork_merge(tiny, av_example):
+    audio_only = blank_modality(tiny, av_example, "video")
+    video_only = blank_modality(tiny, av_example, "audio")
+    out = fmd_generate(tiny, av_example, N_NEW, fork_layer=2, merge=0.3)
+    assert out.token_ids == fork_merge_reference(tiny, audio_only, video_only, 2, 0.3, N_NEW)
+    assert out.meta["merge_weight_audio"] == pytest.approx(0.3)
+    # merge weights 1 and 0 are the audio-only and video-only branches merged into themselves
+    only_audio = fmd_generate(tiny, av_example, N_NEW, fork_layer=2, merge=1.0)
+    assert only_audio.token_ids == greedy_generate(tiny, audio_only, N_NEW).token_ids
+
+
+def test_fmd_attention_weight_equals_column_attention(tiny, av_example):
+    from analyses.attention import column_attention
+
+    fork = 2
+    out = fmd_generate(tiny, av_example, 2, fork_layer=fork, merge="attention")
+    audio_only = blank_modality(tiny, av_example, "video")
+    video_only = blank_modality(tiny, av_example, "audio")
+    rows = list(range(int(av_example.spans.media.max()) + 1, len(av_example)))
+    layers = list(range(fork))
+    a = column_attention(tiny, audio_only, av_example.spans.audio, layers, rows, progress=False)
+    v = column_attention(tiny, video_only, av_example.spans.video, layers, rows, progress=False)
+    mass_a, mass_v = float(a.sum(-1).mean()), float(v.sum(-1).mean())   # over layers, heads and rows
+    assert out.meta["merge_weight_audio"] == pytest.approx(mass_a / (mass_a + mass_v), abs=1e-5)
+    ref = fork_merge_reference(tiny, audio_only, video_only, fork, out.meta["merge_weight_audio"], 2)
+    assert out.token_ids == ref
+
+
+def test_blank_modality_keeps_the_layout(tiny, av_example):
+    black = blank_modality(tiny, av_example, "video")
+    silent = blank_modality(tiny, av_example, "audio")
+    assert torch.equal(black.input_ids, av_example.input_ids) and torch.equal(silent.input_ids, av_example.input_ids)
+    pixels = black.data["pixel_values_videos"]
+    assert torch.allclose(pixels, pixels[:1].expand_as(pixels))     # black frames: every patch the same
+    assert torch.equal(silent.data["pixel_values_videos"], av_example.data["pixel_values_videos"])
+    assert not torch.equal(silent.data["input_features"], av_example.data["input_features"])
+
+
+def test_errors(tiny, av_example):
+    with pytest.raises(nav.LayerIndexError, match="fork_layer"):
+        fmd_generate(tiny, av_example, 2, fork_layer=4)
+    with pytest.raises(nav.InputError, match="merge"):
+        fmd_generate(tiny, av_example, 2, merge="max")
+    audio_only = tiny.prepare(audio=nav.testing.synthetic_tone(1.0), text="hi")
+    with pytest.raises(nav.InputError, match="both audio and video"):
+        fmd_generate(tiny, audio_only, 2)
+    with pytest.raises(nav.InputError, match="beta"):
+        vcd_generate(tiny, av_example, 2, beta=2.0)
+    with pytest.raises(nav.InputError, match="max_new_tokens"):
+        greedy_generate(tiny, av_example, 0)
+    with pytest.raises(nav.InputError, match="'video' or 'audio'"):
+        blank_modality(tiny, av_example, "text")
+
+
+def test_output_round_trip(tiny, av_example, tmp_path):
+    out = vcd_generate(tiny, av_example, 3)
+    back = DecodeOutput.from_json(out.to_json(tmp_path / "o.json"))
+    assert back == out and back.ms_per_token == pytest.approx(out.ms / 3)
+    assert list(out.to_frame()["step"]) == [1, 2, 3]
