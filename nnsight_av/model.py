@@ -266,6 +266,13 @@ class AVModel(Remotable):
             im_end = tokenizer.get_vocab().get("<|im_end|>")
             config.eos_token_id = im_end if im_end is not None else tokenizer.eos_token_id
 
+    # -- interventions -----------------------------------------------------------------
+    def run(self, inputs: Any, interventions: Any = None, **kwargs: Any) -> Any:
+        """Logits of ``inputs`` with ``interventions`` applied; see ``interventions.run``."""
+        from interventions import run
+
+        return run(self, inputs, interventions, **kwargs)
+
     # -- remote ----------------------------------------------------------------------
     def _remoteable_model_key(self) -> str:
         return json.dumps({"checkpoint": self.checkpoint, "adapter": self.adapter.name})
