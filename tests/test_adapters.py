@@ -433,9 +433,11 @@ def test_salmonn_processor_errors_name_the_problem(salmonn):
         salmonn._module(**data)
 
 
-def test_salmonn_batched_generation_equals_separate(salmonn):
-    a = salmonn.prepare(video=frames(2.0, 2, 64), audio=tone(2.0), text="What is making the sound?")
-    b = salmonn.prepare(audio=tone(1.0), text="Describe what you hear")
+@pytest.mark.parametrize("fixture", ["qwen3", "salmonn"])
+def test_batched_generation_equals_separate(fixture, request):
+    salmonn = request.getfixturevalue(fixture)      # left padding: rope deltas / positions per row
+    a = salmonn.prepare(video=frames(4.0, 2, 64), audio=tone(4.0), text="What is making the sound?")
+    b = salmonn.prepare(video=frames(2.0, 2, 64, seed=1), audio=tone(2.0, freq=300.0), text="Describe it")
     kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
     with salmonn.generate(**kwargs) as tracer:
         with tracer.invoke(a):
@@ -445,6 +447,7 @@ def test_salmonn_batched_generation_equals_separate(salmonn):
         with tracer.invoke():
             both = tracer.result.save()
     offsets = salmonn.padding_offsets
+    assert offsets == [0, len(a) - len(b)]
     for k, ex in enumerate((a, b)):
         with salmonn.generate(ex, **kwargs) as tracer:
             alone = tracer.result.save()
