@@ -1,5 +1,6 @@
 """Greedy, VCD and FMD decoding against plain references (full forwards without a KV cache)."""
 
+import json
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ import nnsight_av as nav
 from analyses.decoding import (DecodeOutput, blank_modality, fmd_generate, greedy_generate, noised_features,
                                vcd_generate)
 
-N_NEW = 6
+N_NEW = 4
 
 
 def extended(data, ids):
@@ -164,3 +165,106 @@ def test_output_round_trip(tiny, av_example, tmp_path):
     back = DecodeOutput.from_json(out.to_json(tmp_path / "o.json"))
     assert back == out and back.ms_per_token == pytest.approx(out.ms / 3)
     assert list(out.to_frame()["step"]) == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation runner
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def caption_data(tmp_path_factory):
+    from analyses.evaluate import write_caption_dataset
+
+    root = tmp_path_factory.mktemp("captions")
+    np.save(root / "frames.npy", nav.testing.synthetic_frames(2.0, 2, 56, seed=4))
+    np.save(root / "wave.npy", nav.testing.synthetic_tone(2.0, freq=330.0))
+    nav.testing.write_mp4(root / "clip.mp4", seconds=2.0, fps=4, size=56, seed=5)
+    return write_caption_dataset([
+        {"id": "a", "video": "frames.npy", "audio": "wave.npy", "objects": ["dog"]},
+        {"id": "b", "video": "clip.mp4", "objects": "cat", "prompt": "Describe it."},
+    ], root / "data.jsonl")
+
+
+ASD_TINY = {"config": {"sink_dims": [0, 5], "tau": 1.5, "boost_start": 1, "target_start": 2}}
+
+
+def test_evaluate_runs_each_method_and_resumes(tiny, caption_data, monkeypatch):
+    import analyses.evaluate as ev
+
+    out = caption_data.parent / "out.jsonl"
+    calls = []
+    real = ev.run_method
+
+    def counting(model, ex, method, max_new_tokens, **kwargs):
+        calls.append(method)
+        return real(model, ex, method, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(ev, "run_method", counting)
+    first = ev.evaluate(tiny, caption_data, ["greedy"], out, max_new_tokens=3, progress=False)
+    assert calls == ["greedy", "greedy"] and len(first.records) == 2
+    records = ev.read_caption_dataset(caption_data)
+    assert first.records[0]["caption"] == greedy_generate(tiny, records[0].prepare(tiny), 3).text
+    with out.open("a") as handle:                     # an interrupted write leaves half a line
+        handle.write('{"id": "a", "meth')
+    calls.clear()
+    both = ev.evaluate(tiny, caption_data, ["greedy", "asd"], out, max_new_tokens=3, progress=False,
+                       method_kwargs={"asd": ASD_TINY})
+    assert calls == ["asd", "asd"]                    # greedy pairs were read back, not rerun
+    assert [(r["id"], r["method"]) for r in both.records] == [("a", "greedy"), ("a", "asd"), ("b", "greedy"),
+                                                             ("b", "asd")]
+    assert len(out.read_text().splitlines()) == 4
+    assert both.records[1]["asd"]["sinks"]["av"] + both.records[1]["asd"]["sinks"]["va"] > 0
+    table = both.table()
+    assert list(table["method"]) == ["greedy", "asd"] and (table["ms_per_token"] > 0).all()
+    assert set(table.columns) >= {"CHAIR_s", "CHAIR_i", "clips"}
+    key = lambda r: (r["id"], r["method"])  # noqa: E731
+    assert sorted(ev.EvalResult.load(out).records, key=key) == sorted(both.records, key=key)
+
+
+def test_eval_table_chair_from_stored_captions():
+    from analyses.evaluate import EvalResult
+
+    records = [
+        {"id": "1", "method": "greedy", "caption": "A dog and a cat.", "objects": ["dog"], "ms": 40.0,
+         "num_new_tokens": 4},
+        {"id": "2", "method": "greedy", "caption": "Puppies play.", "objects": ["dog"], "ms": 20.0,
+         "num_new_tokens": 2},
+        {"id": "1", "method": "asd", "caption": "A dog.", "objects": ["dog"], "ms": 60.0, "num_new_tokens": 3},
+        {"id": "2", "method": "asd", "caption": "A cow moos.", "objects": ["dog"], "ms": 30.0, "num_new_tokens": 3},
+    ]
+    from analyses.chair import example_vocabulary
+
+    table = EvalResult(records, example_vocabulary()).table().set_index("method")
+    assert table.loc["greedy", "CHAIR_s"] == pytest.approx(1 / 2) and table.loc["greedy", "CHAIR_i"] == pytest.approx(1 / 3)
+    assert table.loc["asd", "CHAIR_s"] == pytest.approx(1 / 2) and table.loc["asd", "CHAIR_i"] == pytest.approx(1 / 2)
+    assert table.loc["greedy", "ms_per_token"] == pytest.approx(60 / 6)
+    assert table.loc["asd", "ms_per_token"] == pytest.approx(90 / 6)
+
+
+def test_caption_eval_cli(caption_data):
+    from typer.testing import CliRunner
+
+    from nnsight_av.cli import app
+
+    out = caption_data.parent / "cli.jsonl"
+    result = CliRunner().invoke(app, ["caption-eval", str(caption_data), "--out", str(out), "--methods", "greedy",
+                                      "--max-new-tokens", "2", "--limit", "1"])
+    assert result.exit_code == 0, result.output
+    assert "CHAIR_s" in result.output and len(out.read_text().splitlines()) == 1
+
+
+def test_dataset_errors(tmp_path, tiny):
+    from analyses.evaluate import evaluate, read_caption_dataset
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "x", "video": "v.mp4"}]))
+    with pytest.raises(nav.InputError, match="'objects'"):
+        read_caption_dataset(bad)
+    bad.write_text(json.dumps({"clips": [{"id": "x", "video": "v.mp4", "objects": ["dog"]}] * 2}))
+    with pytest.raises(nav.InputError, match="duplicate clip ids"):
+        read_caption_dataset(bad)
+    missing = tmp_path / "m.json"
+    missing.write_text(json.dumps([{"id": "x", "video": "nowhere.mp4", "objects": ["dog"]}]))
+    with pytest.raises(nav.MediaError, match="not found"):
+        evaluate(tiny, missing, ["greedy"], progress=False)
+    with pytest.raises(nav.InputError, match="unknown decoding methods"):
+        evaluate(tiny, [], ["beam"], progress=False)
