@@ -44,5 +44,31 @@ def spans(
     typer.echo(ex.layout())
 
 
+@app.command("caption-eval")
+def caption_eval(
+    dataset: Path = typer.Argument(..., help="JSON/JSONL clips: id, video, audio, prompt, objects"),
+    out: Path = typer.Option(Path("captions.jsonl"), help="captions, one JSON line per (clip, method); resumed"),
+    methods: str = typer.Option("greedy,vcd,fmd,asd", help="comma-separated: greedy, vcd, fmd, asd"),
+    model: str = typer.Option("tiny", help="'tiny', 'toy-omni', 'default', or a checkpoint path / hub id"),
+    max_new_tokens: int = typer.Option(64),
+    vocabulary: Optional[Path] = typer.Option(None, help="CHAIR vocabulary JSON (default: VGGSound animals)"),
+    method_kwargs: Optional[Path] = typer.Option(None, help='JSON {"asd": {"config": {...}}, "vcd": {...}}'),
+    limit: Optional[int] = typer.Option(None, help="only the first N clips"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Caption clips with each decoding method; print CHAIR_s, CHAIR_i and ms/token per method."""
+    import json
+
+    from analyses.evaluate import evaluate
+
+    from .demo import load_model
+
+    kwargs = json.loads(method_kwargs.read_text()) if method_kwargs is not None else None
+    result = evaluate(load_model(model, device), dataset, [m.strip() for m in methods.split(",") if m.strip()], out,
+                      max_new_tokens=max_new_tokens, vocabulary=vocabulary, method_kwargs=kwargs, limit=limit)
+    typer.echo(result.table().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    typer.echo(f"captions: {out}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
