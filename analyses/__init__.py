@@ -12,3 +12,7 @@ from .dominance import DominanceResult, clip_dominance, dominance, dominance_lab
 from .tracing import DEFAULT_TOKEN_SETS, SITES, TOKEN_SETS, PatchRunner, TraceResult, causal_trace, rank_agreement
 from .datasets import ClipRecord, read_dataset, write_dataset
 from .runner import PipelineConfig, PipelineResult, analyze_clip, merge_shards, run_clips, trace_dataset
+from .decoding import DecodeOutput, blank_modality, fmd_generate, greedy_generate, noised_features, vcd_generate
+from .asd import ASDConfig, ASDOutput, asd_generate, asd_sink_sets, strength_schedule, strength_target
+from .chair import ChairResult, Vocabulary, chair, example_vocabulary, load_vocabulary
+from .evaluate import CaptionRecord, EvalResult, evaluate, read_caption_dataset, write_caption_dataset
