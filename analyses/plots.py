@@ -96,8 +96,10 @@ def plot_mds_heatmap(mds: "MDSResult", *, title: str | None = None, cmap: str = 
     ax = fig.add_subplot(1, 1, 1)
     mean = mds.mds.numpy()
     order = sorted(range(len(mean)), key=lambda j: (mds.modality[j] != "video", -mean[j], int(mds.positions[j])))
-    data = mds.per_layer.numpy()[:, order] if order else np.zeros((len(mds.layers), 0))
+    data = mds.per_layer.numpy()[:, order] if order else np.full((len(mds.layers), 1), np.nan)
     image = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap, vmin=-1, vmax=1)
+    if not order:
+        ax.text(0.5, 0.5, "no sinks", ha="center", va="center", transform=ax.transAxes)
     n_video = sum(m == "video" for m in mds.modality)
     if 0 < n_video < len(order):
         ax.axvline(n_video - 0.5, color="black", lw=1)

@@ -314,7 +314,8 @@ class SinkResult:
 
     def __repr__(self) -> str:
         s = self.summary()
-        return (f"SinkResult(T={s['length']}, layers={s['layers']}, dims={s['dims']}, tau={s['tau']:g}, K={s['K']}, "
+        dims = s["dims"] if len(s["dims"]) <= 6 else f"[{len(s['dims'])} channels]"
+        return (f"SinkResult(T={s['length']}, layers={s['layers']}, dims={dims}, tau={s['tau']:g}, K={s['K']}, "
                 f"video={s['video']}, audio={s['audio']}, dropped_text={s['dropped_text']})")
 
     def _repr_html_(self) -> str:
