@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+import nnsight
 import torch
 from jaxtyping import Float, Int
 
@@ -563,7 +564,7 @@ def run_prefill(
             with tracer.invoke(item, use_cache=False):
                 pass
         with tracer.invoke():
-            found = __import__("nnsight").save([{}, {}])
+            found = nnsight.save([{}, {}])
             for layer in wanted:
                 if layer in residual_layers:
                     found[0][layer] = on_residual(layer, model.layers[layer].input)
