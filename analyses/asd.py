@@ -795,9 +795,9 @@ def asd_generate(
                 reason = reason_global or "no attention on any sink set"
             mixed = unguided if s == 0.0 else unguided + s * (guided - unguided)
             token = mixed.argmax()
-            value = int(token)
+            value, plain = torch.stack([token, unguided.argmax()]).tolist()     # one device sync
             ids.append(value)
-            record(s, target, w, m, c, u, fallback, reason, value != int(unguided.argmax()))
+            record(s, target, w, m, c, u, fallback, reason, value != plain)
             if keep_logprobs:
                 kept.append(torch.stack([unguided, guided]).cpu())
             previous = s
@@ -808,8 +808,9 @@ def asd_generate(
                 break
             logits = decoder.step(token.reshape(1).expand(batch), prefill, step, cache)
             w, m, c, u = _statistics(hook.read(), config)
-            unguided = torch.log_softmax(logits[0], -1)
-            guided = torch.log_softmax(logits[1], -1) if guided_on else unguided
+            both = torch.log_softmax(logits, -1)
+            unguided = both[0]
+            guided = both[1] if guided_on else unguided
     _sync(decoder.device)
     ms = (time.perf_counter() - start) * 1000
     return ASDOutput(
