@@ -474,17 +474,21 @@ class PatchRunner:
         return get_module(self.layers[layer], path)
 
     def _site_hook(self, layer: int, fn: Callable[[torch.Tensor], Any]):
-        """Register ``fn(site_tensor)`` on ``layer``'s site; it may edit the tensor in place."""
+        """Register ``fn(site_tensor)`` on ``layer``'s site; it may edit the tensor in place.
+
+        The hook goes first (``prepend``), as an nnsight edit of ``.output`` would: forward
+        hooks a user put on the same module see the patched value.
+        """
         module = self._site_module(layer)
         if self.site == "resid_pre":
             def pre(mod, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 fn(hidden)
-            return module.register_forward_pre_hook(pre, with_kwargs=True)
+            return module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
 
         def post(mod, args, out):
             fn(_first(out))
-        return module.register_forward_hook(post)
+        return module.register_forward_hook(post, prepend=True)
 
     # -- plain forwards -------------------------------------------------------------
     def _forward(self, item: "AVInputs") -> torch.Tensor:
@@ -543,7 +547,9 @@ class PatchRunner:
 
             def post(mod, args, out, i=i):
                 outputs[i] = _first(out)
-            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+            # The input is read before any user pre-hook (re-running the layer re-applies them), the
+            # output after every forward hook (it is what the next layer received).
+            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
             handles.append(layer.register_forward_hook(post))
         with torch.no_grad(), _hooks(handles):
             logits = self._forward(item)
