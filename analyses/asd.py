@@ -557,7 +557,7 @@ def _fused_sink_sets(hook: _ASDHook, scores: dict[int, torch.Tensor], ex: "AVInp
 # ---------------------------------------------------------------------------------------
 # result
 # ---------------------------------------------------------------------------------------
-@dataclass
+@dataclass(repr=False)
 class ASDOutput(DecodeOutput):
     """`DecodeOutput` plus ASD's per-step diagnostics and the sink sets used.
 
