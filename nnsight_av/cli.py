@@ -70,5 +70,57 @@ def caption_eval(
     typer.echo(f"captions: {out}")
 
 
+@app.command("trace")
+def trace_command(
+    dataset: Path = typer.Argument(..., help="clip records (.json / .jsonl), see docs/dataset-format.md"),
+    model: str = typer.Option("tiny", help="'tiny', 'toy-omni', 'default', or a checkpoint path / hub id"),
+    out: Path = typer.Option(Path("trace.jsonl"), help="per-clip records, one JSON line each; reruns resume"),
+    token_sets: str = typer.Option("all,sink,random,cross_modal_sink,unimodal_sink,random_cross_modal_sink",
+                                   help="comma-separated token sets ('object' is added for annotated clips)"),
+    site: str = typer.Option("input_layernorm", help="input_layernorm, resid_pre, resid_post, attn_output, "
+                                                     "mlp_output"),
+    window: int = typer.Option(0, help="layers per sliding window; 0 patches all layers at once"),
+    method: str = typer.Option("exact", help="exact, naive or attribution"),
+    ablation: str = typer.Option("raw", help="raw (black frames / silence) or encoder (zeroed encoder outputs)"),
+    correctness: bool = typer.Option(False, help="a dominant clip must also answer correctly with both modalities"),
+    k_divide: float = typer.Option(2.0, help="N in K = int(T / N) global sinks"),
+    sink_dims: str = typer.Option("", help="comma-separated sink dimensions (default: the adapter's, or found)"),
+    tau: Optional[float] = typer.Option(None, help="sink threshold (default: the adapter's)"),
+    seed: int = typer.Option(0, help="seed of the random token sets"),
+    batch_size: int = typer.Option(4, help="patched conditions per forward"),
+    retry_errors: bool = typer.Option(False, help="recompute clips saved with an error"),
+    device: str = typer.Option("cpu", help="cpu or cuda (under torchrun each rank takes cuda:LOCAL_RANK)"),
+) -> None:
+    """Sinks + MDS, av/a/v dominance and causal tracing over a clip data set (resumable; shards under torchrun)."""
+    import json
+    import os
+
+    from analyses.runner import PipelineConfig, shard_info, trace_dataset
+
+    from .demo import load_model
+
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    config = PipelineConfig(token_sets=tuple(s.strip() for s in token_sets.split(",") if s.strip()), site=site,
+                            window=window or None, method=method, ablation=ablation, correctness=correctness,
+                            k_divide=k_divide, tau=tau, seed=seed, batch_size=batch_size,
+                            sink_dims=[int(d) for d in sink_dims.split(",") if d.strip()] or None)
+    result = trace_dataset(load_model(model, device), dataset, out, config, retry_errors=retry_errors)
+    rank, world = shard_info()
+    if rank != 0:
+        return
+    summary = result.summary()
+    summary_path = out.with_name(out.stem + ".summary.json")
+    summary_path.write_text(json.dumps({"config": result.config, **summary}, indent=1))
+    typer.echo(f"clips: {summary['clips']}  errors: {summary['errors']}  dominance: {summary['dominance']}")
+    trace = result.trace
+    if trace is not None:
+        typer.echo(trace.table().to_string(float_format=lambda v: f"{v:.3f}"))
+        trace.plot_bars().savefig(out.with_name(out.stem + ".bars.png"), dpi=120)
+        if trace.effects["window"].nunique() > 1:
+            trace.plot_heatmap().savefig(out.with_name(out.stem + ".heatmap.png"), dpi=120)
+    typer.echo(f"records: {out}  summary: {summary_path}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
