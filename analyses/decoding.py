@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float
 
 from nnsight_av.adapters.base import get_module
-from nnsight_av.errors import InputError, LayerIndexError, SpanError
+from nnsight_av.errors import AdapterError, InputError, LayerIndexError, SpanError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -207,6 +207,10 @@ def _hooked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if hook is not None:
         layer = hook.layer_of.get(id(module))
         if layer is not None:
+            special = [k for k in ("sliding_window", "softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
+            if special:
+                raise AdapterError(f"decoder layer {layer} calls attention with {special}; the hooked attention of "
+                                   "ASD/FMD computes plain causal softmax attention only")
             scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
             out = hook.attend(layer, module, query, key, value, attention_mask, float(scale))
             if out is not None:

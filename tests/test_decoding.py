@@ -270,3 +270,19 @@ def test_dataset_errors(tmp_path, tiny):
         evaluate(tiny, missing, ["greedy"], progress=False)
     with pytest.raises(nav.InputError, match="unknown decoding methods"):
         evaluate(tiny, [], ["beam"], progress=False)
+
+
+def test_hooked_attention_refuses_sliding_windows():
+    from analyses.decoding import _ACTIVE, AttentionHook, _hooked_attention
+
+    module = torch.nn.Linear(2, 2)
+    token = _ACTIVE.set(AttentionHook([module]))
+    try:
+        q = torch.randn(1, 2, 3, 4)
+        with pytest.raises(nav.AdapterError, match="sliding_window"):
+            _hooked_attention(module, q, q, q, None, scaling=0.5, sliding_window=2)
+        out, _ = _hooked_attention(module, q, q, q, None, scaling=0.5, sliding_window=None)   # plain: SDPA
+        ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True, scale=0.5)
+        assert torch.allclose(out, ref.transpose(1, 2), atol=1e-6)
+    finally:
+        _ACTIVE.reset(token)
