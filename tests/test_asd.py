@@ -318,3 +318,18 @@ def test_output_round_trip_and_plot(tiny, av_example, tmp_path):
     assert list(frame["step"]) == [1, 2, 3, 4] and {"s", "w", "m", "fallback"} <= set(frame.columns)
     fig = out.plot(tokenizer=tiny.tokenizer)
     assert len(fig.axes) == 2
+
+
+def test_guided_prompt_equals_the_attention_boost_intervention(tiny, av_example):
+    import interventions
+    ex = av_example
+    sets = sink_sets(ex)
+    config = ASDConfig(**{**BOOSTED, "alpha": 4.0})
+    out = asd_generate(tiny, ex, 1, config, sinks=sets, keep_logprobs=True)
+    cols = sorted(set(sets["av"].tolist()) | set(sets["va"].tolist()))
+    boost = interventions.AttentionBoost(queries=ex.spans.text.tolist(), keys=cols, alpha=config.alpha,
+                                         layers=config.boost_layers(tiny.num_layers))
+    with torch.no_grad():
+        logits = interventions.run(tiny, ex, boost)[0, -1].float()
+    assert torch.allclose(out.logprobs[0, 1], torch.log_softmax(logits, -1), atol=2e-5)
+    assert (out.logprobs[0, 1] - out.logprobs[0, 0]).abs().max() > 1e-3
