@@ -602,3 +602,23 @@ def test_bad_inputs_are_clear_errors(tiny, av_example, av_example_long, silent):
         ivs.run(tiny, ex, ivs.Noise(std={"video": 1.0}, tokens="audio"))
     with pytest.raises(nav.InputError, match="unknown intervention type"):
         ivs.from_dict({"type": "Explode"})
+
+
+def test_patch_source_must_record_in_the_same_forward(tiny, av_example, silent):
+    iv = ivs.Patch(source=0, layers=1)
+    ivs.run(tiny, [av_example, silent], iv)  # leaves a recording from that forward behind
+    with pytest.raises(nav.InputError, match="recorded nothing"):
+        with torch.no_grad(), tiny.trace() as tracer:
+            with tracer.invoke(av_example):
+                pass
+            with tracer.invoke(silent):
+                iv.apply(tiny)
+
+
+def test_live_patch_during_generation_restores_the_clean_run(tiny, av_example, silent):
+    ids, logits = ivs.generate(tiny, [av_example, silent], ivs.Patch(source=0), max_new_tokens=3,
+                               return_logits=True)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)  # every step, generated tokens too
+    torch.testing.assert_close(ids[1], ids[0], rtol=0, atol=0)
+    _, silent_logits = ivs.generate(tiny, silent, None, max_new_tokens=3, return_logits=True)
+    assert not torch.allclose(silent_logits, logits[1], atol=1e-4)
