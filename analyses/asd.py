@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from jaxtyping import Float
 
 from nnsight_av.errors import InputError, TokenSelectionError
 
@@ -333,9 +334,16 @@ def _triton_ready(query: torch.Tensor) -> bool:
 
 
 def decode_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, flag: torch.Tensor,
-    boost: torch.Tensor, weights: torch.Tensor, multiplicative: bool = False, backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    query: Float[torch.Tensor, "batch heads 1 dim"],
+    key: Float[torch.Tensor, "batch kv_heads keys dim"],
+    value: Float[torch.Tensor, "batch kv_heads keys dim"],
+    scale: float,
+    flag: Float[torch.Tensor, "prompt"],
+    boost: Float[torch.Tensor, "batch"],
+    weights: Float[torch.Tensor, "prompt 8"],
+    multiplicative: bool = False,
+    backend: str = "auto",
+) -> tuple[Float[torch.Tensor, "batch 1 heads dim"], Float[torch.Tensor, "batch heads 8"]]:
     """One query row per batch entry against the cached keys, with the ASD boost and statistics.
 
     ``query [B, heads, 1, d]``, ``key``/``value [B, kv_heads, T, d]``; ``flag [TP]`` marks the

@@ -622,7 +622,8 @@ def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     branch and ``V`` the mass they pay to the video tokens in the video-only branch, averaged
     over heads, those rows and the fork layers, measured once on the prompt; ``"mean"``:
     ``w = 0.5``; a float: that ``w``. Generated tokens go through the same fork and merge
-    with the prompt's ``w``. ``fork_layer`` defaults to a quarter of the depth.
+    with the prompt's ``w``. ``fork_layer`` defaults to a quarter of the depth. Building the two
+    blanked inputs runs the processor; its time is in ``meta["prepare_ms"]``, not in ``ms``.
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
