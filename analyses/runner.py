@@ -222,6 +222,7 @@ class PipelineConfig:
     split_rule: str = "rank"
     seed: int = 0
     batch_size: int = 4
+    skip_overwritten: bool = True
     options: Any = None                       # None: each record's own options
     object_set: bool = True                   # add the "object" set for clips with object annotations
 
@@ -248,7 +249,7 @@ def analyze_clip(model: "AVModel", record: ClipRecord, config: PipelineConfig | 
     sinks, split = _sinks(model, clean, config)
     windows = make_windows(model.num_layers, config.layers, config.window)
     layers = sorted({l for w in windows for l in w})
-    runner = PatchRunner(model, config.site, options)
+    runner = PatchRunner(model, config.site, options, skip_overwritten=config.skip_overwritten)
     media = torch.sort(torch.cat([clean.spans.video, clean.spans.audio])).values
     clean_rec = runner.record_clean(clean, media, layers)
     starts = sorted({w[0] for w in windows})

@@ -374,11 +374,17 @@ def infer_dominant(clean: "AVInputs", corrupt: "AVInputs") -> str:
 # ---------------------------------------------------------------------------------------
 @dataclass
 class CleanRecord:
-    """The clean run: letter probabilities and the site's values at ``positions`` for ``layers``."""
+    """The clean run: letter probabilities and the site's values at ``positions`` for ``layers``.
+
+    ``keys`` / ``kv_values`` (when recorded) hold each layer's post-rotary keys / values, which
+    the exact sweep uses for positions it need not compute (see `PatchRunner`).
+    """
 
     probs: Float[torch.Tensor, "option"]
     positions: Int[torch.Tensor, "n"]
     values: dict[int, torch.Tensor]                   # layer -> [n, hidden] on the model's device
+    keys: dict[Any, torch.Tensor] | None = None
+    kv_values: dict[Any, torch.Tensor] | None = None
 
 
 @dataclass
@@ -428,6 +434,39 @@ class _PrefixKV:
         return self.p0
 
 
+class _ScatterKV:
+    """Keys/values of a run that computes only the query positions ``rows`` (from ``p0`` on).
+
+    Positions before ``p0`` take the corrupted run's keys/values, the skipped (patched and
+    overwritten) positions the clean run's, and ``rows`` the ones computed in this call.
+    """
+
+    def __init__(self, corrupt: "CorruptRecord", clean: "CleanRecord", p0: int, rows: torch.Tensor) -> None:
+        self.corrupt, self.clean, self.p0, self.rows = corrupt, clean, p0, rows
+
+    def _fill(self, clean: torch.Tensor, corrupt: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        full = clean.clone()
+        if self.p0:
+            full[:, :, : self.p0] = corrupt[:, :, : self.p0]
+        full[:, :, self.rows] = new
+        return full
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: Any, *args: Any, **kwargs: Any):
+        keys = self._fill(self.clean.keys[layer_idx], self.corrupt.keys[layer_idx], key_states)
+        values = self._fill(self.clean.kv_values[layer_idx], self.corrupt.values[layer_idx], value_states)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.p0
+
+
+def _inject_cache(cache: Any) -> Callable:
+    """A layer pre-hook handing ``cache`` to the attention as its KV cache."""
+    def pre(mod, args, kwargs):
+        return args, {**kwargs, "past_key_values": cache}
+    return pre
+
+
 def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -448,8 +487,10 @@ class PatchRunner:
     clean/corrupted runs between analyses (see `analyses.runner.analyze_clip`).
     """
 
-    def __init__(self, model: "AVModel", site: str = "input_layernorm", options: Any = "ABCD") -> None:
+    def __init__(self, model: "AVModel", site: str = "input_layernorm", options: Any = "ABCD",
+                 skip_overwritten: bool = True) -> None:
         self.model = model
+        self.skip_overwritten = skip_overwritten
         self.site = canonical_site(site)
         self.options = normalize_options(options)
         self.token_ids = option_token_ids(model.tokenizer, self.options)
@@ -462,6 +503,18 @@ class PatchRunner:
         self.attn_impl = str(getattr(config, "_attn_implementation", None)
                              or getattr(model.adapter.config, "_attn_implementation", "sdpa"))
         self._rows: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+
+    def _can_skip(self) -> bool:
+        """Whether this site and attention kernel allow skipping overwritten positions.
+
+        At ``input_layernorm`` / ``resid_pre`` a position patched at every layer from the
+        window's first to the last one has the clean run's keys/values at each of them, and its
+        own states are never read again (they are overwritten at the next layer, and only the
+        last position reaches the LM head): such positions are not computed at all. The
+        queries left are not contiguous, which needs an explicit mask (sdpa or eager).
+        """
+        return self.skip_overwritten and self.site in ("input_layernorm", "resid_pre") and \
+            self.attn_impl in ("sdpa", "eager")
 
     # -- modules -------------------------------------------------------------------
     def _site_module(self, layer: int) -> torch.nn.Module:
@@ -511,8 +564,13 @@ class PatchRunner:
         with torch.no_grad():
             return self.probs(self._forward(item))
 
-    def record_clean(self, item: "AVInputs", positions: torch.Tensor, layers: Sequence[int]) -> CleanRecord:
-        """Clean forward; the site's values at ``positions`` (sorted) for ``layers``."""
+    def record_clean(self, item: "AVInputs", positions: torch.Tensor, layers: Sequence[int],
+                     kv: bool | None = None) -> CleanRecord:
+        """Clean forward; the site's values at ``positions`` (sorted) for ``layers``.
+
+        ``kv`` also keeps every layer's keys/values (default: when the site allows skipping
+        overwritten positions, see `PatchRunner`).
+        """
         positions = torch.unique(torch.as_tensor(positions, dtype=torch.long).flatten().cpu())
         values: dict[int, torch.Tensor] = {}
         handles = []
@@ -520,9 +578,15 @@ class PatchRunner:
             def keep(t: torch.Tensor, layer: int = layer) -> None:
                 values[layer] = t[0, positions.to(t.device)].detach().clone()
             handles.append(self._site_hook(layer, keep))
+        recorder = _KVRecorder() if (self._can_skip() if kv is None else kv) else None
+        if recorder is not None:
+            for layer in self.layers:
+                handles.append(layer.register_forward_pre_hook(_inject_cache(recorder), with_kwargs=True))
         with torch.no_grad(), _hooks(handles):
             logits = self._forward(item)
-        return CleanRecord(self.probs(logits), positions, values)
+        return CleanRecord(self.probs(logits), positions, values,
+                           recorder.keys if recorder is not None else None,
+                           recorder.values if recorder is not None else None)
 
     def record_corrupt(self, item: "AVInputs", starts: Sequence[int] | None = None) -> CorruptRecord:
         """Corrupted forward caching the residual at ``starts`` (default: every layer), the keys/values
@@ -654,6 +718,71 @@ class PatchRunner:
         logits = self.lm_head(self.final_norm(hidden[:, -1:]))[:, 0]
         return logits
 
+    def _skippable(self, clean: CleanRecord, corrupt: CorruptRecord, cond: Condition) -> bool:
+        return (self._can_skip() and clean.keys is not None and cond.positions.numel() > 0
+                and cond.layers == tuple(range(cond.start, self.num_layers))
+                and bool((cond.positions != corrupt.length - 1).any()))
+
+    def _run_skipping(self, clean: CleanRecord, corrupt: CorruptRecord, cond: Condition) -> torch.Tensor:
+        """One condition whose window reaches the last layer, computing only the positions it must.
+
+        Computed: positions from the first patched one on, minus the patched ones (the last
+        position is always computed). Their keys/values come from this run, those of the
+        patched positions from the clean run, those of earlier positions from the corrupted run.
+        """
+        total = corrupt.length
+        positions = cond.positions
+        p0 = int(positions[0])
+        keep = torch.ones(total, dtype=torch.bool)
+        keep[:p0] = False
+        keep[positions[positions != total - 1]] = False
+        rows_cpu = torch.nonzero(keep).flatten()
+        base = corrupt.resid[cond.start]
+        device = base.device
+        rows = rows_cpu.to(device)
+        hidden = base[:, rows]
+        self._rows = {}
+        last = positions[positions == total - 1]
+        if last.numel():                                   # the last position is patched and computed
+            local = torch.tensor([rows_cpu.numel() - 1], device=device)
+            index = torch.searchsorted(clean.positions, last).to(device)
+            self._rows = {l: [(0, local, clean.values[l].index_select(0, index))] for l in cond.layers}
+        cache = _ScatterKV(corrupt, clean, p0, rows)
+        shared_mask = None
+        for layer in range(cond.start, self.num_layers):
+            recorded = corrupt.kwargs[layer].get("attention_mask")
+            if torch.is_tensor(recorded) and recorded.dim() == 4:
+                mask = recorded.index_select(2, rows)
+            else:
+                if shared_mask is None:
+                    allowed = torch.arange(total, device=device)[None, :] <= rows[:, None]
+                    if self.attn_impl == "sdpa":
+                        shared_mask = allowed[None, None]
+                    else:
+                        shared_mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=device).masked_fill(
+                            ~allowed, torch.finfo(hidden.dtype).min)[None, None]
+                mask = shared_mask
+            kw = {}
+            for key, value in corrupt.kwargs[layer].items():
+                if key == "attention_mask":
+                    kw[key] = mask
+                elif key == "position_embeddings" and isinstance(value, (tuple, list)):
+                    kw[key] = tuple(v.index_select(-2, rows) if torch.is_tensor(v) and v.dim() >= 2
+                                    and v.shape[-2] == total else v for v in value)
+                elif torch.is_tensor(value) and (key.endswith("position_ids") or key == "cache_position") \
+                        and value.shape[-1] == total:
+                    kw[key] = value.index_select(-1, rows)
+                else:
+                    kw[key] = value
+            kw["past_key_values"] = cache
+            if self.site == "resid_pre":
+                self._apply_rows(hidden, layer)
+            hidden = _first(self.layers[layer](hidden, **kw))
+            delta = corrupt.deltas[layer]
+            if delta is not None:
+                hidden = hidden + delta[:, rows]
+        return self.lm_head(self.final_norm(hidden[:, -1:]))[:, 0]
+
     def run(self, clean: CleanRecord, corrupt: CorruptRecord, conditions: Sequence[Condition], *,
             batch_size: int = 4, progress: bool = False) -> Float[torch.Tensor, "condition option"]:
         """Letter probabilities of each patched condition (the exact sweep described above)."""
@@ -666,6 +795,8 @@ class PatchRunner:
         for i, c in enumerate(conditions):
             if not c.positions.numel():
                 out[i] = corrupt.probs            # nothing patched: the corrupted run itself
+        alone = [i for i in todo if self._skippable(clean, corrupt, conditions[i])]
+        todo = [i for i in todo if i not in set(alone)]
         todo.sort(key=lambda i: (conditions[i].start, int(conditions[i].positions[0])))
         batches: list[list[int]] = []
         for i in todo:
@@ -673,9 +804,13 @@ class PatchRunner:
                 batches[-1].append(i)
             else:
                 batches.append([i])
-        layers = sorted({l for i in todo for l in conditions[i].layers})
-        bar = tqdm(total=len(todo), desc="patched runs", disable=not progress or len(todo) < 2, leave=False)
+        layers = sorted({l for i in todo + alone for l in conditions[i].layers})
+        bar = tqdm(total=len(todo) + len(alone), desc="patched runs", leave=False,
+                   disable=not progress or len(todo) + len(alone) < 2)
         with torch.no_grad(), self._patch_hooks(layers):
+            for i in alone:
+                out[i] = self.probs(self._run_skipping(clean, corrupt, conditions[i]))[0]
+                bar.update(1)
             for batch in batches:
                 logits = self._run_batch(clean, corrupt, [conditions[i] for i in batch])
                 probs = self.probs(logits)
@@ -1071,6 +1206,7 @@ def causal_trace(
     seed: int = 0,
     clips: str | Sequence[str] | None = None,
     batch_size: int = 4,
+    skip_overwritten: bool = True,
     progress: bool = True,
 ) -> TraceResult:
     """Patch clean activations of token sets into the corrupted run and measure IE_clean / IE_corrupt.
@@ -1095,6 +1231,9 @@ def causal_trace(
         seed: seeds the random sets (with the clip id and the set name).
         clips: clip ids (default ``"clip"``, or ``"clip0"``, ``"clip1"``, ... for lists).
         batch_size: patched conditions per forward in the exact sweep.
+        skip_overwritten: in the exact sweep, do not compute positions whose states the patch
+            overwrites up to the last layer (exact; see `PatchRunner._can_skip`). Turn it off when
+            your own hooks on the layers expect to see every position.
 
     >>> import nnsight_av as nav
     >>> from analyses import ablate
@@ -1121,7 +1260,7 @@ def causal_trace(
     split_list = _per_clip(split, count, single, "split")
     objects_list = _per_clip(objects, count, single, "objects")
     windows = make_windows(model.num_layers, layers, window)
-    runner = PatchRunner(model, site, options)
+    runner = PatchRunner(model, site, options, skip_overwritten=skip_overwritten and method == "exact")
     listed = list(token_sets.values()) if isinstance(token_sets, Mapping) else \
         ([token_sets] if isinstance(token_sets, str) else list(token_sets))
     names = {n for n in listed if isinstance(n, str)}

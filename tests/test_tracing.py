@@ -85,7 +85,7 @@ def plain_loop(model, clean, corrupt, sets, windows, site):
 
 @pytest.mark.parametrize("site, windows", [
     ("input_layernorm", [(0,), (2,), (1, 2, 3)]),
-    ("resid_pre", [(0,), (2,)]),
+    ("resid_pre", [(0,), (2, 3)]),
     ("attn_output", [(1,), (2, 3)]),
     ("mlp_output", [(0,), (3,)]),
 ])
@@ -138,6 +138,23 @@ def test_continuation_from_cache_equals_full_forward(sharp, pair):
             with torch.no_grad(), runner._patch_hooks(cond.layers):
                 logits = runner._run_batch(as_clean, record, [cond])
             assert torch.allclose(logits[0], full, atol=1e-5), (start, first)
+
+
+def test_skipping_overwritten_positions_is_exact(sharp, pair, monkeypatch):
+    clean, corrupt = pair
+    calls = []
+    real = PatchRunner._run_skipping
+    monkeypatch.setattr(PatchRunner, "_run_skipping", lambda self, *a: (calls.append(a[-1].window), real(self, *a))[1])
+    audio = clean.spans.audio
+    sets = {"all": audio, "sparse": audio[3::11], "with_last": torch.cat([audio[::20], torch.tensor([len(clean) - 1])])}
+    for site in ("input_layernorm", "resid_pre"):
+        calls.clear()
+        fast = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=sets, site=site, window=2, progress=False)
+        assert sorted(set(calls)) == ["2-3", "3"] and len(calls) == 6      # the windows reaching the last layer
+        full = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=sets, site=site, window=2,
+                            skip_overwritten=False, progress=False)
+        diff = (fast.effects[["ie_clean", "ie_corrupt"]] - full.effects[["ie_clean", "ie_corrupt"]]).abs().max().max()
+        assert diff < 1e-5 and full.effects.ie_clean.abs().max() > 1e-2
 
 
 def test_all_media_at_all_layers_restores_the_clean_run(sharp, pair):
@@ -255,7 +272,8 @@ def test_planted_cross_modal_route_gets_the_largest_effect():
         rng = np.random.default_rng(0)
         sets = {"route": route.positions, "first": video[:3], "last": video[-3:],
                 "random": sorted(rng.choice(others, 3, replace=False).tolist()), "all": video}
-        res = causal_trace(model, clean, corrupt, OPTIONS, token_sets=sets, progress=False)
+        # the hand-made head reads positions by offset, so every position must be computed
+        res = causal_trace(model, clean, corrupt, OPTIONS, token_sets=sets, skip_overwritten=False, progress=False)
         info = res.clips["clip"]
         assert info["o_clean"] != info["o_corrupt"]                # the route decides the answer
         ie = res.effects.set_index("token_set").ie_clean
