@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 
@@ -12,7 +12,7 @@ from nnsight_av.inputs import AVInputs
 
 from .context import ApplyContext
 from .engine import Op, execute
-from .selectors import normalize_selector, selector_to_json
+from .selectors import normalize_selector
 from .site import Site, as_site
 
 __all__ = ["Intervention", "Compose", "from_dict", "from_json", "register_intervention", "registered_interventions"]

@@ -79,6 +79,10 @@ class ApplyContext:
             inputs = all_inputs[index]
         if not isinstance(inputs, AVInputs):
             raise InputError(f"apply() needs the invoke's AVInputs (from model.prepare), got {type(inputs).__name__}")
+        running = all_inputs[index] if index is not None and index < len(all_inputs) else None
+        if isinstance(running, AVInputs) and len(running) != len(inputs):
+            raise InputError(f"apply() was given inputs of {len(inputs)} tokens, but this invoke runs an input of "
+                             f"{len(running)} tokens: pass the invoke's own AVInputs (or none)")
         self.inputs = inputs
         self.spans = inputs.spans
         self.length = len(inputs)

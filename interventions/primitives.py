@@ -18,6 +18,7 @@ from .base import Intervention, register_intervention
 from .cache import ActivationCache, layout_signature
 from .context import MODALITIES, ApplyContext
 from .engine import Op
+from .site import Site
 
 __all__ = ["Zero", "MeanPatch", "Patch", "Noise"]
 
@@ -295,7 +296,8 @@ class Noise(ActivationIntervention):
 
     def __init__(self, scale: float = 3.0, std: float | Mapping[str, float] | None = None, seed: int = 0,
                  **kwargs: Any) -> None:
-        kwargs.setdefault("layers", 0)
+        if not isinstance(kwargs.get("site"), Site):
+            kwargs.setdefault("layers", 0)  # the embeddings, as in ROME
         super().__init__(**kwargs)
         self.scale = float(scale)
         if isinstance(std, Mapping):

@@ -24,7 +24,7 @@ import torch
 
 from nnsight_av.errors import InputError, LayerIndexError
 
-from .selectors import TokenSelector, normalize_selector
+from .selectors import normalize_selector
 
 __all__ = ["Site", "ROLES", "window", "LayerSpec", "POINT_ORDER"]
 
@@ -209,5 +209,3 @@ def as_site(site: "Site | str", layers: Any = None, tokens: Any = None, heads: A
         return site.with_(**changes) if changes else site
     return Site(site, layers, tokens, heads)
 
-
-TokenSelector = TokenSelector  # re-export for type hints

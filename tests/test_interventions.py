@@ -8,7 +8,6 @@ registered with transformers that boosts / knocks out by hand on probabilities.
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -598,6 +597,9 @@ def test_bad_inputs_are_clear_errors(tiny, av_example, av_example_long, silent):
         ivs.Zero(site="attn_logits")
     with pytest.raises(nav.InputError, match="inside a trace"):
         ivs.Zero().apply(tiny, ex)
+    with pytest.raises(nav.InputError, match="this invoke runs an input of"):
+        with torch.no_grad(), tiny.trace(ex):
+            ivs.Zero().apply(tiny, av_example_long)
     with pytest.raises(nav.InputError, match="no std given for audio"):
         ivs.run(tiny, ex, ivs.Noise(std={"video": 1.0}, tokens="audio"))
     with pytest.raises(nav.InputError, match="unknown intervention type"):
