@@ -233,10 +233,14 @@ class PipelineConfig:
 def analyze_clip(model: "AVModel", record: ClipRecord, config: PipelineConfig | None = None) -> dict[str, Any]:
     """Sinks + MDS, dominance (av / a / v) and, for a dominant clip, causal tracing; one JSON-ready dict.
 
-    Forwards: one prefill for sinks and MDS, the clean run (letter probabilities + the site
-    at every media position), the two corrupted runs (letter probabilities + cached
-    residuals / keys / values), then only the patched conditions.
+    Forwards: one prefill for sinks and MDS that also serves as the clean run (letter
+    probabilities + the site at every media position + keys / values), the two corrupted runs
+    (letter probabilities + cached residuals / keys / values), then only the patched
+    conditions. The processor prepares the two ablated inputs in a background thread while
+    the first prefill runs.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from .ablation import ablate
     from .dominance import dominance_label
     from .tracing import PatchRunner, make_windows, resolve_token_sets, trace_clip
@@ -244,14 +248,16 @@ def analyze_clip(model: "AVModel", record: ClipRecord, config: PipelineConfig | 
     config = config or PipelineConfig()
     options = list(config.options) if config.options is not None else list(record.options)
     clean = record.prepare(model)
-    only_audio = ablate(clean, "video", model, method=config.ablation)     # the "a" run
-    only_video = ablate(clean, "audio", model, method=config.ablation)     # the "v" run
-    sinks, split = _sinks(model, clean, config)
     windows = make_windows(model.num_layers, config.layers, config.window)
     layers = sorted({l for w in windows for l in w})
     runner = PatchRunner(model, config.site, options, skip_overwritten=config.skip_overwritten)
     media = torch.sort(torch.cat([clean.spans.video, clean.spans.audio])).values
-    clean_rec = runner.record_clean(clean, media, layers)
+    with ThreadPoolExecutor(1) as pool:
+        ablated = pool.submit(lambda: (ablate(clean, "video", model, method=config.ablation),    # the "a" run
+                                       ablate(clean, "audio", model, method=config.ablation)))  # the "v" run
+        clean_rec, (sinks, split) = runner.record_clean_during(lambda: _sinks(model, clean, config), clean, media,
+                                                               layers)
+        only_audio, only_video = ablated.result()
     starts = sorted({w[0] for w in windows})
     if config.method == "exact":
         rec_a = runner.record_corrupt(only_audio, starts)

@@ -588,6 +588,59 @@ class PatchRunner:
                            recorder.keys if recorder is not None else None,
                            recorder.values if recorder is not None else None)
 
+    def record_clean_during(self, during: Callable[[], Any], item: "AVInputs", positions: torch.Tensor,
+                            layers: Sequence[int]) -> tuple[CleanRecord, Any]:
+        """`record_clean` riding on another prefill of ``item`` that ``during()`` runs (e.g. the sink analysis).
+
+        That prefill may stop inside the last layer (it needs no logits): the site is read before
+        attention, so every layer's value is there, and the last layer is then finished for the
+        last position alone from the recorded keys/values. Only for the ``input_layernorm`` and
+        ``resid_pre`` sites; when anything is missing the clean run is made separately.
+        Returns the record and what ``during()`` returned.
+        """
+        last = self.num_layers - 1
+        if self.site not in ("input_layernorm", "resid_pre"):
+            result = during()
+            return self.record_clean(item, positions, layers), result
+        positions = torch.unique(torch.as_tensor(positions, dtype=torch.long).flatten().cpu())
+        values: dict[int, torch.Tensor] = {}
+        recorder = _KVRecorder()
+        seen: dict[str, Any] = {}
+        handles = []
+        for layer in sorted(set(layers)):
+            def keep(t: torch.Tensor, layer: int = layer) -> None:
+                if t.shape[0] == 1 and t.shape[1] == len(item):
+                    values[layer] = t[0, positions.to(t.device)].detach().clone()
+            handles.append(self._site_hook(layer, keep))
+
+        def pre(mod, args, kwargs, layer=None):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if mod is self.layers[last]:
+                seen["resid"] = hidden
+                seen["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
+            return args, {**kwargs, "past_key_values": recorder}
+        for layer in self.layers:
+            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+        with _hooks(handles):
+            result = during()
+        complete = (set(layers) <= set(values) and len(recorder.keys) == self.num_layers and "resid" in seen
+                    and seen["resid"].shape[:2] == (1, len(item)))
+        if not complete:
+            return self.record_clean(item, positions, layers), result
+        total = len(item)
+        kwargs_list: list[dict[str, Any]] = [{} for _ in range(self.num_layers)]
+        kwargs_list[last] = seen["kwargs"]
+        partial = CorruptRecord(None, total, {last: seen["resid"]}, recorder.keys, recorder.values, kwargs_list,
+                                [None] * self.num_layers)
+        with torch.no_grad():
+            hidden = seen["resid"][:, total - 1:]
+            cache = _PrefixKV(recorder.keys, recorder.values, total - 1)
+            kw = self._layer_kwargs(partial, last, total - 1, self._suffix_mask(partial, last, total - 1, hidden),
+                                    cache)
+            hidden = _first(self.layers[last](hidden, **kw))
+            logits = self.lm_head(self.final_norm(hidden[:, -1:]))[:, 0, :][0]
+        return CleanRecord(self.probs(logits), positions, values, recorder.keys, recorder.values), result
+
     def record_corrupt(self, item: "AVInputs", starts: Sequence[int] | None = None) -> CorruptRecord:
         """Corrupted forward caching the residual at ``starts`` (default: every layer), the keys/values
         and the layer keyword arguments."""
