@@ -233,7 +233,9 @@ def main() -> None:
         parts["prepare_and_ablate"], _ = timed(lambda: (record.prepare(model), ablate(ex, "audio", model),
                                                         ablate(ex, "video", model)))
         parts["sinks_mds"], _ = timed(lambda: _sinks(model, ex, config))
-        parts["clean_run"], clean_rec = timed(lambda: runner.record_clean(ex, media, range(model.num_layers)))
+        parts["clean_run_alone"], clean_rec = timed(lambda: runner.record_clean(ex, media, range(model.num_layers)))
+        parts["sinks_mds_with_clean_run"], _ = timed(lambda: runner.record_clean_during(
+            lambda: _sinks(model, ex, config), ex, media, range(model.num_layers)))
         parts["corrupt_runs_x2"], rec = timed(lambda: (runner.record_corrupt(no_video, [0]),
                                                       runner.record_corrupt(no_audio, [0]))[1])
         conds = [Condition(k, v, tuple(range(model.num_layers))) for k, v in sets.items()]
