@@ -1295,7 +1295,7 @@ def causal_trace(
     ...                    text="What is making the sound?")
     >>> res = causal_trace(model, ex, ablate(ex, "audio", model), "ABCD", token_sets=["all"], progress=False)
     >>> res.effects[["token_set", "window", "n_tokens"]].values.tolist()
-    [['all', '0-3', 4]]
+    [['all', '0-3', 8]]
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
