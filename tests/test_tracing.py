@@ -109,6 +109,27 @@ def test_fast_sweep_equals_plain_loop(sharp, pair, site, windows):
         assert row.ie_corrupt == pytest.approx(want[1], abs=1e-5)
 
 
+def test_exact_sweep_equals_interventions_patch(sharp, pair):
+    """Cross-check with the intervention primitives (issue 3): Patch from a cached clean run."""
+    import interventions as ivs
+
+    clean, corrupt = pair
+    ids = option_token_ids(sharp.tokenizer, OPTIONS)
+    audio = clean.spans.audio
+    sets = {"late": audio[60:], "sparse": audio[5::17]}
+    for site, layers in (("input_layernorm", [1, 2, 3]), ("mlp_output", [2])):
+        ours = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=sets, site=site, layers=layers, progress=False)
+        info = ours.clips["clip"]
+        p_corrupt = torch.tensor(info["P_corrupt"])
+        oc, ox = OPTIONS.index(info["o_clean"]), OPTIONS.index(info["o_corrupt"])
+        cache = ivs.cache_activations(sharp, clean, sites=site, layers=layers)
+        for row in ours.effects.itertuples():
+            patch = ivs.Patch(source=cache, site=site, layers=layers, tokens=sets[row.token_set].tolist())
+            p = letter_probs(ivs.run(sharp, corrupt, patch)[0, -1], ids)
+            assert row.ie_clean == pytest.approx(float(p[oc] - p_corrupt[oc]), abs=1e-5)
+            assert row.ie_corrupt == pytest.approx(float(p_corrupt[ox] - p[ox]), abs=1e-5)
+
+
 def test_naive_method_matches_exact(sharp, pair):
     clean, corrupt = pair
     sets = {"late": clean.spans.audio[40:], "first": clean.spans.audio[:10]}
