@@ -43,14 +43,17 @@ __all__ = ["ResultStore", "shard_info", "shard_path", "run_clips", "merge_shards
 class ResultStore:
     """An append-only JSONL file of per-clip records keyed by ``id``.
 
-    A torn last line (the process died while writing it) is cut off on open, so the next
-    append starts on a fresh line and the clip is simply computed again.
+    The process that writes the file opens it with ``repair=True``: a torn last line (the
+    process died while writing it) is cut off, so the next append starts on a fresh line and
+    the clip is simply computed again. Readers of other processes' files leave them alone
+    and skip a line that does not parse.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, repair: bool = True) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair()
+        if repair:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._repair()
 
     def _repair(self) -> None:
         if not self.path.exists():
@@ -100,17 +103,16 @@ def _shard_files(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f"{out.stem}.shard*of*{out.suffix or '.jsonl'}"))
 
 
-def _done_marker(out: Path, rank: int, world: int) -> Path:
-    return out.with_name(f"{out.stem}.shard{rank}of{world}.done")
-
-
 def _saved(out: Path) -> dict[str, dict[str, Any]]:
-    """Every saved record for ``out``: the merged file and any shard files (of any world size)."""
+    """Every saved record for ``out``: the merged file and any shard files (of any world size).
+
+    A clip saved twice (an error record, then a retry) keeps its last record.
+    """
     found: dict[str, dict[str, Any]] = {}
     for path in [out] + _shard_files(out):
-        for record in ResultStore(path).records() if path.exists() else []:
+        for record in ResultStore(path, repair=False).records() if path.exists() else []:
             if "id" in record:
-                found.setdefault(str(record["id"]), record)
+                found[str(record["id"])] = record
     return found
 
 
@@ -126,8 +128,6 @@ def merge_shards(out: str | os.PathLike, order: Sequence[str] | None = None) -> 
     os.replace(tmp, out)
     for path in _shard_files(out):
         path.unlink(missing_ok=True)
-    for marker in out.parent.glob(f"{out.stem}.shard*of*.done"):
-        marker.unlink(missing_ok=True)
     return merged
 
 
@@ -153,8 +153,9 @@ def run_clips(
     ``fn(record)`` returns a JSON-ready dict (its ``id`` is set to the clip's). A
     `nnsight_av.errors.NNsightAVError` (unreadable media, a clip without audio ...) becomes an
     error record naming the problem and the run goes on; any other exception stops it
-    (rerun to resume). With several ranks (see `shard_info`) each writes its shard and
-    rank 0 merges them once every rank has finished (it waits up to ``wait_timeout`` s).
+    (rerun to resume). With several ranks (see `shard_info`) each writes its shard; rank 0
+    merges them once every clip of the data set has a record (it polls the shard files, up
+    to ``wait_timeout`` s).
     Returns the records of this process's clips, or every record once merged (rank 0 /
     single process), in data set order.
     """
@@ -167,9 +168,6 @@ def run_clips(
     if retry_errors:
         saved = {k: v for k, v in saved.items() if v.get("status") != "error"}
     target = ResultStore(shard_path(out, rank, world) if world > 1 else out)
-    start = time.time()
-    if world > 1:
-        _done_marker(out, rank, world).unlink(missing_ok=True)
     mine = [r for i, r in enumerate(records) if i % world == rank]
     todo = [r for r in mine if r.id not in saved]
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc if world == 1 else f"{desc} [rank {rank}]",
@@ -189,15 +187,21 @@ def run_clips(
         if merge and _shard_files(out):
             return merge_shards(out, order)
         return [saved[i] for i in order if i in saved]
-    _done_marker(out, rank, world).write_text(os.environ.get("TORCHELASTIC_RUN_ID", "") or str(start))
     if rank != 0 or not merge:
         return [saved[r.id] for r in mine if r.id in saved]
-    deadline = time.time() + wait_timeout
-    markers = [_done_marker(out, r, world) for r in range(world)]
-    while not all(m.exists() and m.stat().st_mtime >= start - 60 for m in markers):
+    deadline, pause = time.time() + wait_timeout, 0.2
+    while True:
+        found = _saved(out)
+        if retry_errors:
+            found = {k: v for k, v in found.items() if v.get("status") != "error"}
+        if set(order) <= set(found):
+            break
         if time.time() > deadline:
-            raise TimeoutError(f"rank 0 waited {wait_timeout:.0f} s for the other ranks to finish {out}")
-        time.sleep(0.2)
+            missing = [i for i in order if i not in found]
+            raise TimeoutError(f"rank 0 waited {wait_timeout:.0f} s for the other ranks; {len(missing)} clips "
+                               f"have no record yet (first: {missing[:3]})")
+        time.sleep(pause)
+        pause = min(2.0, pause * 1.5)
     return merge_shards(out, order)
 
 

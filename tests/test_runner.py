@@ -141,6 +141,11 @@ def test_in_process_shards_merge_to_the_single_run(tmp_path):
     late = run_clips(records, work, tmp_path / "late.jsonl", progress=False)
     assert late[0]["value"] == -1 and [r["id"] for r in late] == [r.id for r in records]
     assert merge_shards(tmp_path / "late.jsonl") == late
+    # retry_errors recomputes the error record; the new record wins on every later read
+    fixed = run_clips(records, lambda r: {"value": int(r.id[1:]) ** 2}, tmp_path / "single.jsonl", retry_errors=True,
+                      progress=False)
+    assert fixed[3] == {"id": "c3", "value": 9, "status": "ok"}
+    assert run_clips(records, work, tmp_path / "single.jsonl", progress=False) == fixed
 
 
 def test_cli_sharded_over_two_processes(tmp_path):
@@ -148,21 +153,15 @@ def test_cli_sharded_over_two_processes(tmp_path):
     args = [str(data), "--model", "tiny", "--token-sets", "all,sink,random", "--sink-dims", "0,1", "--tau", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    code = "from nnsight_av.cli import app; app()"
+    script = tmp_path / "cli.py"
+    script.write_text("from nnsight_av.cli import app\napp()\n")
     sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_port", "29517", "-c", code, "trace", *args, "--out",
+                              "--master_port", "29517", str(script), "trace", *args, "--out",
                               str(tmp_path / "sharded.jsonl")], env=env, cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
-    if sharded.returncode != 0 and "-c" in sharded.stderr and "unrecognized" in sharded.stderr:
-        script = tmp_path / "cli.py"
-        script.write_text(code)
-        sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                  "--master_port", "29517", str(script), "trace", *args, "--out",
-                                  str(tmp_path / "sharded.jsonl")], env=env, cwd=ROOT, capture_output=True,
-                                 text=True, timeout=300)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert "dominance" in sharded.stdout
-    single = subprocess.run([sys.executable, "-c", code, "trace", *args, "--out", str(tmp_path / "single.jsonl")],
+    single = subprocess.run([sys.executable, str(script), "trace", *args, "--out", str(tmp_path / "single.jsonl")],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     assert (tmp_path / "sharded.jsonl").read_text() == (tmp_path / "single.jsonl").read_text()
