@@ -247,11 +247,12 @@ def analyze_clip(model: "AVModel", record: ClipRecord, config: PipelineConfig | 
 
     from .ablation import ablate
     from .dominance import dominance_label
+    from .options import on_device
     from .tracing import PatchRunner, make_windows, resolve_token_sets, trace_clip
 
     config = config or PipelineConfig()
     options = list(config.options) if config.options is not None else list(record.options)
-    clean = record.prepare(model)
+    clean = on_device(model, record.prepare(model))     # moved once: every analysis below reads it
     windows = make_windows(model.num_layers, config.layers, config.window)
     layers = sorted({l for w in windows for l in w})
     runner = PatchRunner(model, config.site, options, skip_overwritten=config.skip_overwritten)

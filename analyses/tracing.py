@@ -1324,6 +1324,7 @@ def causal_trace(
 
     for k in tqdm(range(count), desc="causal trace", disable=not progress or count < 2):
         check_same_layout(cleans[k], corrupts[k], "clean and corrupt")
+        cleans[k], corrupts[k] = on_device(model, cleans[k]), on_device(model, corrupts[k])
         dom = dominants[k] or infer_dominant(cleans[k], corrupts[k])
         if dom not in ("audio", "video"):
             raise InputError(f"dominant must be 'audio' or 'video', got {dom!r}")
