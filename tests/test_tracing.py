@@ -130,6 +130,23 @@ def test_exact_sweep_equals_interventions_patch(sharp, pair):
             assert row.ie_corrupt == pytest.approx(float(p_corrupt[ox] - p[ox]), abs=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_omni_moe", "salmonn_style"])
+def test_exact_sweep_on_other_adapters(model_type):
+    """Qwen3-Omni (MoE, DeepStack adds visual features between layers) and a SALMONN-style Llama decoder."""
+    model = sharpen(nav.testing.tiny_model(model_type, seed=0))
+    clean = model.prepare(video=nav.testing.synthetic_frames(4.0, 2, 64), audio=nav.testing.synthetic_tone(4.0),
+                          text="What is making the sound?")
+    corrupt = ablate(clean, "video", model)
+    sets = {"all": clean.spans.audio}
+    # windows 0-1 (a suffix run from layer 0: DeepStack's addition after layer 0 comes from the cache),
+    # 1-2, and 2-3 and 3 (they reach the last layer: the patched positions are skipped)
+    exact = causal_trace(model, clean, corrupt, OPTIONS, token_sets=sets, window=2, progress=False)
+    naive = causal_trace(model, clean, corrupt, OPTIONS, token_sets=sets, window=2, method="naive", progress=False)
+    diff = (exact.effects[["ie_clean", "ie_corrupt"]] - naive.effects[["ie_clean", "ie_corrupt"]]).abs()
+    assert float(diff.max().max()) < 1e-5
+    assert float(naive.effects[["ie_clean", "ie_corrupt"]].abs().max().max()) > 1e-3
+
+
 def test_naive_method_matches_exact(sharp, pair):
     clean, corrupt = pair
     sets = {"late": clean.spans.audio[40:], "first": clean.spans.audio[:10]}
