@@ -19,6 +19,11 @@ The clip is audio-dominant by construction (video tokens are patched, as in the 
 Random weights have no massive activations, so the sink threshold is set to the 80th percentile
 of the sink scores on the known sink dimensions (channels 0, 1 for ``--small``), which gives a
 realistic number of sinks. ``generate`` makes exactly ``--new-tokens`` tokens (EOS switched off).
+With random weights every letter has probability ~1/vocab and every effect is ~0, which would
+make the agreement checks vacuous: the LM head's rows of the 20 answer letters get random
+weights that give letter logits of standard deviation ~8 and every other row is zeroed (the
+same matrix, so the same compute), so the letters take most of the probability and the
+effects are of order 0.01-0.1 (``--no-letter-head`` keeps the random head).
 """
 
 from __future__ import annotations
@@ -44,6 +49,18 @@ from analyses.tracing import resolve_token_sets  # noqa: E402
 
 OPTIONS = list("ABCDEFGHIJKLMNOPQRST")
 TOKEN_SETS = ("all", "sink", "random", "cross_modal_sink", "unimodal_sink", "random_cross_modal_sink")
+
+
+def letter_head(model, scale: float = 8.0, seed: int = 0) -> None:
+    """Answer letters get random LM-head rows (logit std ~``scale``), every other row zero."""
+    from nnsight_av.adapters.base import get_module
+
+    ids = sorted({i for v in option_token_ids(model.tokenizer, OPTIONS) for i in v})
+    weight = get_module(model._module, model.adapter.paths["lm_head"]).weight
+    rows = torch.randn(len(ids), weight.shape[1], generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        weight.zero_()
+        weight[ids] = (rows * scale / weight.shape[1] ** 0.5).to(weight.device, weight.dtype)
 
 
 def sync() -> None:
@@ -146,6 +163,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 6], help="conditions per forward (exact sweep)")
     p.add_argument("--sweep-repeat", type=int, default=1)
     p.add_argument("--skip-naive", action="store_true", help="skip the (slow) naive sweep")
+    p.add_argument("--no-letter-head", action="store_true", help="keep the random LM head (effects ~0)")
     args = p.parse_args()
     if args.small:
         args.tokens = [t if t != 1700 else 300 for t in args.tokens]
@@ -156,9 +174,12 @@ def main() -> None:
     eager = full_size_model(args.device, dtype, attn="eager", small=args.small)
     for m in (model, eager):
         m._module.generation_config.eos_token_id = []
+        if not args.no_letter_head:
+            letter_head(m)
     dims = model.adapter.known_sink_dims() or [0, 1]
     results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype),
-               "layers": model.num_layers, "new_tokens": args.new_tokens, "runs": []}
+               "layers": model.num_layers, "new_tokens": args.new_tokens, "letter_head": not args.no_letter_head,
+               "runs": []}
     for tokens in args.tokens:
         ex = av_input(model, tokens).to(args.device)
         no_audio = ablate(ex, "audio", model).to(args.device)               # the corrupted run (audio-dominant)
