@@ -16,14 +16,15 @@ def demo(
     model: str = typer.Option("default", help="'default' (the embedded model), 'tiny', 'toy-omni', or a "
                                               "checkpoint path / hub id"),
     out: Path = typer.Option(Path("nnsight_av_report"), help="report folder"),
-    clips: int = typer.Option(8, help="number of generated clips"),
+    clips: int = typer.Option(12, help="number of generated multiple-choice clips"),
+    captions: int = typer.Option(6, help="number of generated clips to caption (greedy vs ASD)"),
     device: str = typer.Option("cpu"),
     seed: int = typer.Option(0),
 ) -> None:
-    """Run the pipeline offline on the embedded model and write a report folder."""
+    """Run the paper's pipeline offline on the embedded toy model and write a report folder."""
     from .demo import run_demo
 
-    run_demo(model=model, out=out, clips=clips, device=device, seed=seed)
+    run_demo(model=model, out=out, clips=clips, captions=captions, device=device, seed=seed)
 
 
 @app.command()
