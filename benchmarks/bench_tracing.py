@@ -217,6 +217,17 @@ def main() -> None:
                           "attribution_ms": attr_ms, "attribution_speedup": naive_ms / attr_ms})
         agreement = rank_agreement(exact, attr)
         sweep["attribution_spearman"] = {k: agreement[k] for k in ("ie_clean", "ie_corrupt")}
+        sweep["max_abs_effect_exact"] = float(exact.effects[["ie_clean", "ie_corrupt"]].abs().max().max())
+        # The other direction too (video removed, audio tokens patched): in a random model the audio
+        # tokens, which follow each chunk's video tokens, carry more of the removed modality.
+        audio_sets = resolve_token_sets(ex, "audio", TOKEN_SETS, sinks=sinks, split=split, seed=0, clip="bench")
+        kw_v = dict(token_sets=audio_sets, window=1, dominant="video", progress=False)
+        exact_v = causal_trace(model, ex, no_video, OPTIONS, batch_size=best, **kw_v)
+        attr_v = causal_trace(model, ex, no_video, OPTIONS, method="attribution", **kw_v)
+        agreement = rank_agreement(exact_v, attr_v)
+        sweep["video_dominant_direction"] = {
+            "attribution_spearman": {k: agreement[k] for k in ("ie_clean", "ie_corrupt")},
+            "max_abs_effect_exact": float(exact_v.effects[["ie_clean", "ie_corrupt"]].abs().max().max())}
         run["sweep"] = sweep
 
         record = ClipRecord(id="bench", prompt=ex.request.text, options=OPTIONS, frames=ex.request.video,
