@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import av_input, cuda_timer, full_size_model, parser, report  # noqa: E402
+from common import av_input, full_size_model, parser, report  # noqa: E402
 
 from analyses import ablate, causal_trace, option_token_ids, rank_agreement  # noqa: E402
 from analyses.datasets import ClipRecord  # noqa: E402

@@ -10,7 +10,7 @@ import torch
 import nnsight_av as nav
 from analyses import ablate, causal_trace, option_probs, option_token_ids
 from analyses.options import letter_probs
-from analyses.tracing import (Condition, PatchRunner, TraceResult, make_windows, object_positions, random_positions,
+from analyses.tracing import (Condition, PatchRunner, TraceResult, object_positions, random_positions,
                               rank_agreement, resolve_token_sets)
 from nnsight_av.adapters.base import get_module
 from nnsight_av.errors import InputError, LayerIndexError, SpanError, TokenSelectionError
