@@ -26,7 +26,6 @@ query attention (head ``h`` reads kv head ``h // (heads / kv_heads)``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 

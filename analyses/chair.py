@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from nnsight_av.errors import InputError
 
+from .results import JsonResult, read_json
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -223,7 +225,7 @@ class CaptionChair:
 
 
 @dataclass
-class ChairResult:
+class ChairResult(JsonResult):
     """``chair_s``, ``chair_i`` and the per-caption details (`CaptionChair`)."""
 
     chair_s: float
@@ -244,18 +246,10 @@ class ChairResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict())
-        if path is not None:
-            Path(path).write_text(text)
-        return text
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "ChairResult":
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text).read_text()
-        data = json.loads(text)
+        data = read_json(text_or_path)
         captions = [CaptionChair(**{**c, "mentions": [Mention(**m) for m in c["mentions"]]}) for c in data["captions"]]
         return cls(data["chair_s"], data["chair_i"], captions, data["num_mentions"], data["num_hallucinated"],
                    data.get("per_mention", False))

@@ -19,7 +19,6 @@ Public here: `greedy_generate`, `vcd_generate`, `fmd_generate`, `DecodeOutput`,
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -34,6 +33,8 @@ from jaxtyping import Float
 
 from nnsight_av.adapters.base import get_module
 from nnsight_av.errors import AdapterError, InputError, LayerIndexError, SpanError
+
+from .results import JsonResult, read_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -51,7 +52,7 @@ ATTENTION_IMPLEMENTATION = "nnsight_av_hooked"
 # result
 # ---------------------------------------------------------------------------------------
 @dataclass
-class DecodeOutput:
+class DecodeOutput(JsonResult):
     """Generated text of one decoding method.
 
     ``token_ids``: the new tokens (EOS included when generation stopped on it);
@@ -79,11 +80,6 @@ class DecodeOutput:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": type(self).__name__, **asdict(self)}
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict())
-        if path is not None:
-            Path(path).write_text(text)
-        return text
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DecodeOutput":
@@ -92,10 +88,7 @@ class DecodeOutput:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "DecodeOutput":
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text).read_text()
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(read_json(text_or_path))
 
     def to_frame(self) -> "pd.DataFrame":
         """One row per generated token."""

@@ -13,7 +13,6 @@ their MDS in a single prefill; `modality_dominance` scores sinks you already hav
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
@@ -24,6 +23,7 @@ from jaxtyping import Float, Int
 
 from nnsight_av.errors import InputError
 
+from .results import JsonResult, read_json
 from .attention import (_group_counts, as_list, batch_tensors, column_attention_sums, column_sums,
                         progress_batches, run_prefill)
 from .sinks import SinkResult, _check_k, modality_codes, resolve_sink_dims, sink_scores
@@ -111,7 +111,7 @@ def _stats(values: np.ndarray) -> dict[str, float | int | None]:
 
 
 @dataclass
-class MDSResult:
+class MDSResult(JsonResult):
     """Per sink and layer: ``V`` (video-query attention), ``A`` (audio-query attention) and MDS.
 
     ``positions[j]`` is a sink of modality ``modality[j]``; ``V[i, j]`` / ``A[i, j]`` belong
@@ -225,20 +225,10 @@ class MDSResult:
                 "layers": list(self.layers), "V": self.V.tolist(), "A": self.A.tolist(), "eps": self.eps,
                 "meta": self.meta}
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict())
-        if path is not None:
-            Path(path).write_text(text)
-        return text
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "MDSResult":
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text).read_text()
-        data = json.loads(text)
-        if data.get("kind") != "MDSResult":
-            raise InputError("this JSON does not hold an MDSResult")
+        data = read_json(text_or_path, "MDSResult")
         return cls(torch.tensor(data["positions"], dtype=torch.long), data["modality"], data["layers"],
                    torch.tensor(data["V"], dtype=torch.float32), torch.tensor(data["A"], dtype=torch.float32),
                    data["eps"], data.get("meta", {}))

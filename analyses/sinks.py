@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -24,6 +23,7 @@ from jaxtyping import Bool, Float, Int
 
 from nnsight_av.errors import AdapterError, InputError
 
+from .results import JsonResult, read_json
 from .attention import as_list, progress_batches, run_prefill
 
 if TYPE_CHECKING:
@@ -184,7 +184,7 @@ def select_global_sinks(
 
 
 @dataclass
-class SinkResult:
+class SinkResult(JsonResult):
     """Per-layer sink scores of one input and its global sinks.
 
     ``scores[i, t] = max over dims of phi(h_{layers[i], t})``; ``mask = scores > tau``.
@@ -336,21 +336,10 @@ class SinkResult:
                 "layers": list(self.layers), "dims": list(self.dims), "tau": self.tau, "k_divide": self.k_divide,
                 "modality": self.modality, "k": self.k, "meta": self.meta}
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        """JSON text (written to ``path`` too when given)."""
-        text = json.dumps(self.to_dict())
-        if path is not None:
-            Path(path).write_text(text)
-        return text
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "SinkResult":
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text).read_text()
-        data = json.loads(text)
-        if data.get("kind") != "SinkResult":
-            raise InputError("this JSON does not hold a SinkResult")
+        data = read_json(text_or_path, "SinkResult")
         return cls(torch.tensor(data["scores"], dtype=torch.float32).reshape(len(data["layers"]), -1),
                    data["layers"], data["dims"], data["tau"], data["k_divide"], data["modality"], data["k"],
                    data.get("meta", {}))

@@ -16,7 +16,7 @@ import torch
 from nnsight.intervention.envoy import Envoy, traceable
 from nnsight.modeling.mixins.remotable import Remotable
 
-from .adapters.base import Adapter, get_module
+from .adapters.base import Adapter
 from .errors import InputError, LayerIndexError
 from .inputs import AVInputs, MediaRequest, prepare, prepare_request
 

@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import nnsight
-import numpy as np
 import torch
 
 from ..adapters.base import OPTIONAL_MODEL_ROLES, get_module

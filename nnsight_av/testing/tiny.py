@@ -143,8 +143,6 @@ def tiny_model(
     >>> model.num_layers, model.hidden_size
     (4, 64)
     """
-    from ..model import AVModel
-
     if model_type not in _BUILDERS:
         from ..errors import UnknownModelError
 
