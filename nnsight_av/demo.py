@@ -198,11 +198,11 @@ def _findings(report: dict[str, Any]) -> list[str]:
         notes.append(f"Sink dimensions found from data: {dims['found']}.")
     rows = {r["token_set"]: r for r in report["trace_x100"]}
     if "sink" in rows and "random" in rows:
-        s, r = rows["sink"]["ie_clean"], rows["random"]["ie_clean"]
+        s, r = rows["sink"]["IE_clean"], rows["random"]["IE_clean"]
         notes.append(f"Sink tokens {'do' if s > r else 'do not'} carry more than count-matched random tokens "
                      f"(IE_clean x100: sink {s:.2f} vs random {r:.2f}); the paper finds sink > random.")
     if "cross_modal_sink" in rows and "unimodal_sink" in rows:
-        c, u = rows["cross_modal_sink"]["ie_clean"], rows["unimodal_sink"]["ie_clean"]
+        c, u = rows["cross_modal_sink"]["IE_clean"], rows["unimodal_sink"]["IE_clean"]
         notes.append(f"Cross-modal sinks {'do' if c > u else 'do not'} carry more than unimodal sinks "
                      f"(IE_clean x100: {c:.2f} vs {u:.2f}); the paper finds cross-modal > unimodal.")
     d = report["dominance"]
