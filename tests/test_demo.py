@@ -51,3 +51,14 @@ def test_rerun_resumes_from_saved_records(report_dir):
     before = (report_dir / "trace.jsonl").read_text()
     run_demo(model="default", out=report_dir, clips=3, captions=2, max_new_tokens=8, progress=False)
     assert (report_dir / "trace.jsonl").read_text() == before
+
+
+def test_cli_demo_command_writes_the_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from nnsight_av.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "r"), "--clips", "2", "--captions", "1"])
+    assert result.exit_code == 0, result.output
+    assert "report written to" in result.output
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["clips"] == 2
