@@ -470,7 +470,7 @@ def plot(history: dict, path: str, boundaries: list[int] = ()) -> None:
     right.set_ylim(0, 1.02)
     right.set_xlabel("step")
     right.set_ylabel("validation accuracy")
-    right.legend(loc="lower right")
+    right.legend(loc="center right", fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
