@@ -24,6 +24,7 @@ TOKEN_SETS = ("all", "sink", "random", "cross_modal_sink", "unimodal_sink")
 def load_model(name: str, device: str = "cpu") -> AVModel:
     """'tiny' (random weights), 'toy-omni' / 'default' (the shipped trained model), or a checkpoint."""
     from . import testing
+    from .errors import UnknownModelError
     from .loading import load
 
     if name == "tiny":
@@ -31,7 +32,7 @@ def load_model(name: str, device: str = "cpu") -> AVModel:
     elif name in ("default", "toy-omni"):
         try:
             model = load("toy-omni")
-        except (ImportError, FileNotFoundError, OSError):
+        except (ImportError, FileNotFoundError, OSError, UnknownModelError):
             if name == "toy-omni":
                 raise
             print("the toy model is not installed; using random tiny weights")
