@@ -210,6 +210,9 @@ def _findings(report: dict[str, Any]) -> list[str]:
     notes.append(f"Dominance: {d.get('audio', 0)} audio-dominant, {d.get('video', 0)} video-dominant, "
                  f"{d.get('neither', 0)} neither, out of {report['clips']} clips.")
     caps = {c["method"]: c for c in report["captions"]}
+    if not dims["used"]:
+        notes.append("Without sink dimensions there are no cross-modal sinks to boost, so ASD decoded greedily "
+                     "on every step (its diagnostics record the fallback).")
     if "asd" in caps and "greedy" in caps:
         notes.append(f"CHAIR_s greedy {caps['greedy']['CHAIR_s']:.3f} vs ASD {caps['asd']['CHAIR_s']:.3f} "
                      f"on {caps['asd']['clips']} captions (the paper finds ASD lower; a handful of toy captions "
