@@ -149,6 +149,10 @@ class LayoutTokens:
     im_start: int | None = None
     im_end: int | None = None
     newline_ids: frozenset[int] = frozenset()
+    #: Token ids of the role names in turn headers ("system", "user"), when the tokenizer is known;
+    #: without them the system turn is recognised by position only.
+    system_role: tuple[int, ...] | None = None
+    user_role: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -356,13 +360,22 @@ def _turn_spans(ids: list[int], tokens: LayoutTokens, media: set[int]) -> tuple[
         end = next((p for p in range(header_end + 1, len(ids)) if ids[p] == tokens.im_end), len(ids))
         turns.append((s, header_end, end))
     system, prompt, assistant = [], [], []
+
+    def role(s: int, header_end: int) -> tuple[int, ...]:
+        return tuple(ids[s + 1:header_end])
+
     for index, (s, header_end, end) in enumerate(turns):
         content = [p for p in range(header_end + 1, end) if p not in media and ids[p] not in boundary]
-        if index == 0 and len(turns) > 1 and not any(p in media for p in range(s, end)) and index < len(turns) - 2:
+        if tokens.system_role is not None:
+            if role(s, header_end) == tokens.system_role:
+                system = content
+        elif index == 0 and len(turns) > 1 and not any(p in media for p in range(s, end)) and index < len(turns) - 2:
             system = content
         if end == len(ids):  # the open assistant turn the answer will follow
             assistant = list(range(s, len(ids)))
     user_turns = [t for t in turns if t[2] < len(ids)]
+    if tokens.user_role is not None:
+        user_turns = [t for t in user_turns if role(t[0], t[1]) == tokens.user_role] or user_turns
     if user_turns:
         s, header_end, end = user_turns[-1]
         prompt = [p for p in range(header_end + 1, end) if p not in media and ids[p] not in boundary]

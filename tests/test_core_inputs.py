@@ -120,3 +120,25 @@ def test_spans_shift_moves_every_position(av_example):
     assert torch.equal(moved.video, av_example.spans.video + 3)
     assert torch.equal(moved.chunks[1].audio, av_example.spans.chunks[1].audio + 3)
     assert moved.length == av_example.spans.length + 3
+
+
+def test_system_turn_is_found_by_its_role_not_its_position(tiny):
+    from nnsight_av.spans import turn_spans
+
+    tokens = tiny.adapter.layout_tokens()
+    assert tokens.system_role is not None and tokens.user_role is not None
+
+    def render(conversation):
+        return tiny.tokenizer(tiny.render_chat(conversation), add_special_tokens=False).input_ids
+
+    text = lambda t: [{"type": "text", "text": t}]  # noqa: E731
+    # a multi-turn chat without a system message: the first (user) turn must not be read as the system
+    ids = render([{"role": "user", "content": text("hello")}, {"role": "assistant", "content": text("hi")},
+                  {"role": "user", "content": text("What is making the sound?")}])
+    system, prompt, _ = turn_spans(ids, tokens, media=())
+    assert system == []
+    assert tiny.tokenizer.decode([ids[p] for p in prompt]) == "What is making the sound?"
+    ids = render([{"role": "system", "content": text("Be brief.")}, {"role": "user", "content": text("hello")}])
+    system, prompt, _ = turn_spans(ids, tokens, media=())
+    assert tiny.tokenizer.decode([ids[p] for p in system]) == "Be brief."
+    assert tiny.tokenizer.decode([ids[p] for p in prompt]) == "hello"

@@ -119,15 +119,25 @@ class Adapter:
                            f"for the {role!r} token id")
 
     def layout_tokens(self) -> LayoutTokens:
+        # Computed once per adapter: scanning a 150k-token vocabulary for newlines on every
+        # prepare() call would cost seconds.
+        cached = self.__dict__.get("_layout_tokens")
+        if cached is not None:
+            return cached
         tokenizer = getattr(self.processor, "tokenizer", None)
         im_start = im_end = None
         newline_ids: frozenset[int] = frozenset()
+        system_role = user_role = None
         if tokenizer is not None:
             vocab = tokenizer.get_vocab()
             im_start, im_end = vocab.get("<|im_start|>"), vocab.get("<|im_end|>")
             newline_ids = frozenset(i for t, i in vocab.items() if "\n" in tokenizer.convert_tokens_to_string([t]))
-        return LayoutTokens(**{r: self.token_id(r) for r in TOKEN_ROLES}, im_start=im_start, im_end=im_end,
-                            newline_ids=newline_ids)
+            system_role = tuple(tokenizer.encode("system", add_special_tokens=False))
+            user_role = tuple(tokenizer.encode("user", add_special_tokens=False))
+        self._layout_tokens = LayoutTokens(**{r: self.token_id(r) for r in TOKEN_ROLES}, im_start=im_start,
+                                           im_end=im_end, newline_ids=newline_ids, system_role=system_role,
+                                           user_role=user_role)
+        return self._layout_tokens
 
     @property
     def num_layers(self) -> int:
