@@ -75,20 +75,20 @@ def tiny_tokenizer(words: Sequence[str] = DEFAULT_WORDS, specials: Sequence[str]
     return tokenizer
 
 
-def tiny_processor(words: Sequence[str] = DEFAULT_WORDS):
-    """The real ``Qwen2_5OmniProcessor`` around locally built parts."""
+def tiny_processor(words: Sequence[str] = DEFAULT_WORDS, tokenizer: Any = None,
+                   min_pixels: int = TINY_PIXELS["shortest_edge"], max_pixels: int = TINY_PIXELS["longest_edge"]):
+    """The real ``Qwen2_5OmniProcessor`` around locally built parts (``tokenizer`` defaults to `tiny_tokenizer`)."""
     from transformers import (Qwen2_5OmniProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor,
                               WhisperFeatureExtractor)
 
     from ..adapters.qwen2_5_omni import CHATML_TEMPLATE
 
-    pixels = dict(min_pixels=TINY_PIXELS["shortest_edge"], max_pixels=TINY_PIXELS["longest_edge"],
-                  patch_size=14, merge_size=2, temporal_patch_size=2)
+    pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
     return Qwen2_5OmniProcessor(
         image_processor=Qwen2VLImageProcessor(**pixels),
         video_processor=Qwen2VLVideoProcessor(**pixels),
         feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000),
-        tokenizer=tiny_tokenizer(words),
+        tokenizer=tokenizer if tokenizer is not None else tiny_tokenizer(words),
         chat_template=CHATML_TEMPLATE,
     )
 

@@ -87,20 +87,9 @@ def toy_tokenizer(words: Sequence[str] = TOY_WORDS):
 
 def toy_processor(words: Sequence[str] = TOY_WORDS):
     """The real ``Qwen2_5OmniProcessor`` around `toy_tokenizer` (call it with `PROCESSOR_KWARGS`)."""
-    from transformers import (Qwen2_5OmniProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor,
-                              WhisperFeatureExtractor)
+    from ..testing.tiny import tiny_processor
 
-    from ..adapters.qwen2_5_omni import CHATML_TEMPLATE
-
-    pixels = dict(min_pixels=56 * 56, max_pixels=FRAME_SIZE * FRAME_SIZE, patch_size=14, merge_size=2,
-                  temporal_patch_size=2)
-    return Qwen2_5OmniProcessor(
-        image_processor=Qwen2VLImageProcessor(**pixels),
-        video_processor=Qwen2VLVideoProcessor(**pixels),
-        feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000),
-        tokenizer=toy_tokenizer(words),
-        chat_template=CHATML_TEMPLATE,
-    )
+    return tiny_processor(tokenizer=toy_tokenizer(words), min_pixels=56 * 56, max_pixels=FRAME_SIZE * FRAME_SIZE)
 
 
 def toy_config(tokenizer, hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
