@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from common import av_input, cuda_timer, full_size_model, parser, report
+from common import av_input, full_size_model, interleaved, parser, report
 
 import interventions as ivs
 
@@ -98,20 +98,31 @@ def main() -> None:
                 logits = model.logits.save()
             return logits
 
-        run["hf_sdpa"] = cuda_timer(hf_sdpa, repeat=args.repeat)
-        run["plain_trace"] = cuda_timer(plain_trace, repeat=args.repeat)
         plain_logits = plain_trace().float()
+        # bf16 floor of the logit comparison below: eager and SDPA differ without any boost
+        SPEC.update(rows=ex.spans.text.to(args.device), keys=torch.as_tensor(sinks, device=args.device),
+                    layers=set(), alpha=0.0, mode="pre_softmax")
+        config._attn_implementation = EAGER_NAME
+        try:
+            with torch.no_grad():
+                eager_plain = model._module(**ex.data, output_attentions=True).logits.float()
+        finally:
+            config._attn_implementation = "sdpa"
+            SPEC.clear()
+        run["max_abs_logit_diff_eager_vs_sdpa_unboosted"] = float((eager_plain - plain_logits).abs().max())
+        del eager_plain
+        calls = {"hf_sdpa": hf_sdpa, "plain_trace": plain_trace}
         for mode in ("pre_softmax", "multiplicative"):
             iv = ivs.AttentionBoost(queries="text", keys="cross_modal_sinks", alpha=args.alpha, mode=mode,
                                     layers=layers, sets=sets)
 
-            def boosted() -> torch.Tensor:
+            def boosted(iv=iv) -> torch.Tensor:
                 with torch.no_grad(), model.trace(ex):
                     iv.apply(model, ex)
                     logits = model.logits.save()
                 return logits
 
-            def eager_way() -> torch.Tensor:
+            def eager_way(mode=mode) -> torch.Tensor:
                 SPEC.update(rows=ex.spans.text.to(args.device), keys=torch.as_tensor(sinks, device=args.device),
                             layers=set(layers), alpha=args.alpha, mode=mode)
                 config._attn_implementation = EAGER_NAME
@@ -124,11 +135,12 @@ def main() -> None:
                     config._attn_implementation = "sdpa"
                     SPEC.clear()
 
-            ours = cuda_timer(boosted, repeat=args.repeat)
-            eager = cuda_timer(eager_way, repeat=args.repeat)
-            ours_logits, eager_logits = boosted().float(), eager_way().float()
-            run[f"boost_sdpa_{mode}"] = ours
-            run[f"eager_way_{mode}"] = eager
+            calls[f"boost_sdpa_{mode}"], calls[f"eager_way_{mode}"] = boosted, eager_way
+        timings = interleaved(calls, repeat=args.repeat)
+        run.update(timings)
+        for mode in ("pre_softmax", "multiplicative"):
+            ours, eager = timings[f"boost_sdpa_{mode}"], timings[f"eager_way_{mode}"]
+            ours_logits, eager_logits = calls[f"boost_sdpa_{mode}"]().float(), calls[f"eager_way_{mode}"]().float()
             run[f"ratios_{mode}"] = {
                 "time_boost_vs_plain": ours["ms"] / run["plain_trace"]["ms"],
                 "mem_boost_vs_plain": _ratio(ours["peak_extra_gib"], run["plain_trace"]["peak_extra_gib"]),

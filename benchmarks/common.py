@@ -94,6 +94,23 @@ def cuda_timer(fn: Callable[[], Any], warmup: int = 2, repeat: int = 5) -> dict[
     return {"ms": float(np.median(times)), "peak_extra_gib": float(peak)}
 
 
+def interleaved(calls: dict[str, Callable[[], Any]], repeat: int = 5, warmup: int = 2) -> dict[str, dict[str, float]]:
+    """`cuda_timer` for several methods at once, round-robin: drift in clocks or host load hits all alike.
+
+    Per method: median ms over ``repeat`` rounds, and the peak extra GiB of one call on its own.
+    """
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeat):
+        for name, fn in calls.items():
+            times[name].append(cuda_timer(fn, warmup=0, repeat=1)["ms"])
+    return {name: {"ms": float(np.median(times[name])), "min_ms": float(min(times[name])),
+                   "peak_extra_gib": cuda_timer(fn, warmup=0, repeat=1)["peak_extra_gib"]}
+            for name, fn in calls.items()}
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -84,17 +84,57 @@ def _base_mask(mask: torch.Tensor | None, rows: torch.Tensor, past: int, kv_len:
 
 
 def _plan(edits: list[AttentionEdit], num_heads: int, move: Callable[..., torch.Tensor]) -> tuple:
-    """Union of rows and heads, and per edit which (head, row) pairs and keys it covers, on the device."""
+    """Union of rows and heads, and per edit which (head, row) pairs and keys it covers, on the device.
+
+    ``all_heads``: every edit covers every head, so masks need no head dimension and the
+    recomputation keeps the call's own key/value heads (grouped-query attention untouched).
+    """
     rows_all = torch.unique(torch.cat([e.rows for e in edits]))
-    if any(e.heads is None for e in edits):
-        heads_all = torch.arange(num_heads)
-    else:
-        heads_all = torch.unique(torch.cat([e.heads for e in edits]))
+    all_heads = all(e.heads is None for e in edits)
+    heads_all = torch.arange(num_heads) if any(e.heads is None for e in edits) else \
+        torch.unique(torch.cat([e.heads for e in edits]))
     covers = []
     for e in edits:
         head_in = torch.ones(len(heads_all), dtype=torch.bool) if e.heads is None else torch.isin(heads_all, e.heads)
-        covers.append((move(head_in), move(torch.isin(rows_all, e.rows)), move(e.keys)))
-    return heads_all, rows_all, move(heads_all), move(rows_all), covers
+        row_in = torch.isin(rows_all, e.rows)
+        covers.append((move(head_in), move(row_in), move(e.keys), bool(row_in.all())))
+    return heads_all, rows_all, move(heads_all), move(rows_all), covers, all_heads
+
+
+def _pairs(cover: tuple, start: int, stop: int, all_heads: bool) -> torch.Tensor | None:
+    """``[1, heads|1, rows, 1]`` mask of the (head, row) pairs one edit covers in a chunk; None: all."""
+    head_in, row_in, _, every_row = cover
+    if all_heads and every_row:
+        return None
+    rows = row_in[start:stop][None, :]
+    pair = rows if all_heads else head_in[:, None] & rows
+    return pair[None, :, :, None]
+
+
+def _static_mask(mask: torch.Tensor | None, edits: list[AttentionEdit], plan: tuple, start: int, stop: int,
+                 past: int, kv_len: int, batch: int) -> torch.Tensor:
+    """The call's mask plus every layer-independent bias (knockout, multiplicative) for one row chunk.
+
+    float32 ``[B|1, heads|1, rows, kv_len]``; the same at every layer of one forward.
+    """
+    _, _, heads_dev, rows_dev, covers, all_heads = plan
+    rows = rows_dev[start:stop]
+    full = _base_mask(mask, rows, past, kv_len, heads_dev)
+    static = [(e, c) for e, c in zip(edits, covers) if e.kind in ("knockout", "multiplicative")]
+    if not static:
+        return full
+    heads = 1 if all_heads else len(heads_dev)
+    full = full.expand(max(batch, full.shape[0]), max(heads, full.shape[1]), -1, -1).clone()
+    for e, cover in static:
+        amount = float("-inf") if e.kind == "knockout" else math.log1p(e.alpha)
+        pair = _pairs(cover, start, stop, all_heads)
+        if pair is None:
+            vals = torch.full((1, 1, 1, 1), amount, device=full.device)
+        else:
+            vals = torch.zeros(pair.shape, device=full.device).masked_fill(pair, amount)
+        keys = cover[2]
+        full.index_add_(3, keys, vals.expand(full.shape[0], full.shape[1], full.shape[2], len(keys)).contiguous())
+    return full
 
 
 def apply_attention_edits(
@@ -114,6 +154,10 @@ def apply_attention_edits(
     """Recompute the rows of ``out`` (the call's output, ``[B, q, H, d]``) that ``edits`` touch.
 
     Edits ``out`` (and ``weights``, when the backend returned them) in place and returns them.
+    With ``memo`` (one dict per forward, as `ApplyContext` keeps), the selection is moved to
+    the device once and the layer-independent part of the mask is built once per forward:
+    per layer only the recomputed rows' attention (and, for ``pre_softmax``, the logits of
+    the selected block) is computed, so the cost stays a few kernels per layer.
     """
     edits = [e for e in edits if len(e.rows) and len(e.keys)]
     if not edits:
@@ -124,41 +168,67 @@ def apply_attention_edits(
     kv_len = key.shape[2]
     past = kv_len - q_len
     scale = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
+    groups = num_key_value_groups
 
+    memo = {} if memo is None else memo
     memo_key = ("attention-plan", num_heads, tuple((e.kind, id(e.rows), id(e.keys), id(e.heads)) for e in edits))
-    plan = memo.get(memo_key) if memo is not None else None
-    if plan is None:
-        plan = _plan(edits, num_heads, move)
-        if memo is not None:
-            memo[memo_key] = (*plan, edits)  # edits kept alive so the ids in the key stay theirs
-    heads_all, rows_all, heads_dev, rows_dev, covers = plan[:5]
-    kv_heads = heads_dev // num_key_value_groups
-    q_h = query.index_select(1, heads_dev)
-    k_h = key.index_select(1, kv_heads)
-    v_h = value.index_select(1, kv_heads)
+    if memo_key not in memo:
+        memo[memo_key] = (_plan(edits, num_heads, move), edits)  # edits kept alive so the ids in the key stay theirs
+    plan = memo[memo_key][0]
+    heads_all, rows_all, heads_dev, rows_dev, covers, all_heads = plan
+    if all_heads:      # every head: the call's own (grouped) key/value heads
+        q_h, k_h, v_h = query, key, value
+    else:
+        kv_heads = heads_dev // groups
+        q_h = query.index_select(1, heads_dev)
+        k_h, v_h = key.index_select(1, kv_heads), value.index_select(1, kv_heads)
+    gqa = all_heads and groups > 1
+    dynamic = [(e, c) for e, c in zip(edits, covers) if e.kind == "pre_softmax"]
+    for e in edits:
+        if e.kind not in ("knockout", "multiplicative", "pre_softmax"):
+            raise InputError(f"unknown attention edit {e.kind!r}")
+    knockout = any(e.kind == "knockout" for e in edits)
     chunk = max(1, chunk_elements // (len(heads_all) * kv_len))
+    # Masks of a forward are the same at every layer as long as the call's mask is (one object in HF).
+    static_key = ("attention-static", memo_key, id(mask), past, kv_len, batch)
+    statics = memo.get(static_key, (None, {}))[1]
+    if static_key not in memo:
+        memo[static_key] = (mask, statics)                 # the mask kept alive so its id stays its own
     for start in range(0, len(rows_all), chunk):
-        rows = rows_dev[start:start + chunk]
+        stop = min(start + chunk, len(rows_all))
+        rows = rows_dev[start:stop]
+        if start not in statics:
+            statics[start] = _static_mask(mask, edits, plan, start, stop, past, kv_len, batch).to(query.dtype)
+        full = statics[start]
         q_r = q_h.index_select(2, rows)
-        bias = torch.zeros((batch, len(heads_all), len(rows), kv_len), device=device)
-        for e, (head_in, row_in, keys) in zip(edits, covers):
-            pair = (head_in[:, None] & row_in[start:start + chunk][None, :])[None, :, :, None]
-            if e.kind in ("knockout", "multiplicative"):
-                amount = float("-inf") if e.kind == "knockout" else math.log1p(e.alpha)
-                vals = torch.where(pair, torch.full((), amount, device=device), torch.zeros((), device=device))
-                vals = vals.expand(batch, -1, -1, len(keys))
-            elif e.kind == "pre_softmax":
-                logits = torch.matmul(q_r.float(), k_h.index_select(2, keys).float().transpose(-1, -2)) * scale
-                vals = torch.where(pair, e.alpha * logits.abs(), torch.zeros((), device=device))
-            else:
-                raise InputError(f"unknown attention edit {e.kind!r}")
-            bias.index_add_(3, keys, vals.contiguous())
-        full = _base_mask(mask, rows, past, kv_len, heads_dev) + bias
-        new = F.scaled_dot_product_attention(q_r, k_h, v_h, attn_mask=full.to(query.dtype), scale=scale)
-        new = torch.nan_to_num(new, nan=0.0)  # a row whose every key is blocked attends to nothing
-        out[:, rows[:, None], heads_dev[None, :]] = new.transpose(1, 2).to(out.dtype)
+        if dynamic:
+            # Few kernels per layer (this runs at every boosted layer): the bias a -> alpha |a| is
+            # added in the attention dtype, as the mask is cast to it for the kernel anyway.
+            heads = num_heads if all_heads else len(heads_all)
+            full = full.expand(batch, heads, -1, -1).clone()
+            for e, cover in dynamic:
+                keys = cover[2]
+                k_sel = k_h.index_select(2, keys)
+                if gqa:  # query heads h*G .. h*G+G-1 read key head h: one matmul per key head
+                    q_g = q_r.reshape(batch, num_heads // groups, groups * len(rows), head_dim)
+                    logits = (q_g @ k_sel.transpose(-1, -2)).view(batch, num_heads, len(rows), len(keys))
+                else:
+                    logits = q_r @ k_sel.transpose(-1, -2)
+                logits = logits.abs_()
+                pair = _pairs(cover, start, stop, all_heads)
+                if pair is not None:
+                    logits = logits.masked_fill_(~pair, 0.0)
+                full.index_add_(3, keys, logits.to(full.dtype), alpha=e.alpha * scale)
+        new = F.scaled_dot_product_attention(q_r, k_h, v_h, attn_mask=full, scale=scale, enable_gqa=gqa)
+        if knockout:
+            new = torch.nan_to_num(new, nan=0.0)  # a row whose every key is blocked attends to nothing
+        if all_heads:
+            out.index_copy_(1, rows, new.transpose(1, 2).to(out.dtype))
+        else:
+            out[:, rows[:, None], heads_dev[None, :]] = new.transpose(1, 2).to(out.dtype)
         if weights is not None:
-            logits = torch.matmul(q_r.float(), k_h.float().transpose(-1, -2)) * scale + full
+            k_full = k_h.repeat_interleave(groups, dim=1) if gqa else k_h
+            logits = torch.matmul(q_r.float(), k_full.float().transpose(-1, -2)) * scale + full.float()
             probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
             weights[:, heads_dev[:, None], rows[None, :]] = probs.to(weights.dtype)
     return out, weights

@@ -79,24 +79,32 @@ def execute(model: Any, ops: list[Op], ctx: ApplyContext) -> None:
         for op in layer_items:
             by_point.setdefault(op.point, []).append(op)
         view = model.layers[layer]
-        args, kwargs = view.inputs
-        hidden = args[0] if args else kwargs["hidden_states"]
         envoy = object.__getattribute__(view, "_envoy") if hasattr(view, "_envoy") else view
-        ctx.enter_layer(layer, _past_length(kwargs, layer), hidden.shape[1],
-                        visit_stamp(f"{getattr(envoy, 'path', layer)}.input"))
+        stamp = visit_stamp(f"{getattr(envoy, 'path', layer)}.input")
+        attention = "attn_call" in by_point or "attn_heads" in by_point
+        # A layer edited only at and after its attention call learns the cache length from the
+        # call's query/key (keys include the cache): one nnsight request fewer per layer.
+        from_call = attention and "resid_pre" not in by_point and "input_layernorm" not in by_point
+        if not from_call:
+            args, kwargs = view.inputs
+            hidden = args[0] if args else kwargs["hidden_states"]
+            ctx.enter_layer(layer, _past_length(kwargs, layer), hidden.shape[1], stamp)
 
         if "resid_pre" in by_point:
             view.input = _run_ops(by_point["resid_pre"], hidden, ctx)
         if "input_layernorm" in by_point:
             value = view.input_layernorm.output
             view.input_layernorm.output = _with_first(value, _run_ops(by_point["input_layernorm"], _first(value), ctx))
-        if "attn_call" in by_point or "attn_heads" in by_point:
+        if attention:
             call = model.adapter.attention_call(view.self_attn)
             edits = []
-            if "attn_call" in by_point:
+            if "attn_call" in by_point or from_call:
                 call_args, call_kwargs = call.inputs
                 module, query, key, value_states = call_args[:4]
                 mask = call_args[4] if len(call_args) > 4 else call_kwargs.get("attention_mask")
+            if from_call:
+                ctx.enter_layer(layer, key.shape[2] - query.shape[2], query.shape[2], stamp)
+            if "attn_call" in by_point:
                 for op in by_point["attn_call"]:
                     edits.extend(op.fn(ctx))
             output = call.output
