@@ -551,13 +551,84 @@ def run_prefill(
     ``on_residual(layer, h)`` gets the input of decoder layer ``layer`` ``[B, T, hidden]``;
     ``on_attention(layer, q, k, lse, scale)`` the post-rotary q/k and the row normalisers
     (see `read_attention`). Their return values come back keyed by layer. The run stops
-    after the last layer it needs, so no logits are computed.
+    right after the last thing it needs, so no logits are computed.
+
+    It runs on the Hugging Face module with plain PyTorch hooks and the attention function
+    routed through `analyses.decoding` (no nnsight trace: its per-layer host cost showed at
+    short lengths on a GPU). A model whose attention does not go through transformers'
+    attention interface is served by the same prefill inside an nnsight trace instead.
     """
     residual_layers = sorted({model.check_layer(l) for l in residual_layers}) if on_residual else []
     attention_layers = sorted({model.check_layer(l) for l in attention_layers}) if on_attention else []
-    wanted = sorted(set(residual_layers) | set(attention_layers))
-    if not wanted:
+    if not residual_layers and not attention_layers:
         return {}, {}
+    try:
+        return _run_prefill_hooked(model, batch, residual_layers, on_residual, attention_layers, on_attention, fuse)
+    except _AttentionNotRouted:
+        return _run_prefill_traced(model, batch, residual_layers, on_residual, attention_layers, on_attention, fuse)
+
+
+class _AttentionNotRouted(Exception):
+    """The hooked prefill saw no attention call of a wanted layer (the model calls attention its own way)."""
+
+
+def _batch_data(model: "AVModel", batch: Sequence["AVInputs"]) -> dict[str, Any]:
+    if len(batch) == 1:
+        return dict(batch[0].data)
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None else 0
+    return model.adapter.collate([item.data for item in batch], padding_side="right", pad_id=pad_id or 0)
+
+
+def _run_prefill_hooked(model, batch, residual_layers, on_residual, attention_layers, on_attention, fuse):
+    from .decoding import AttentionHook, Decoder, _Stop
+
+    decoder = Decoder(model)
+    config = model.adapter.text_config
+    softcap = bool(getattr(config, "attn_logit_softcapping", None))
+    found_res: dict[int, Any] = {}
+    found_attn: dict[int, Any] = {}
+    wanted_attn = set(attention_layers)
+    # The run ends at the last read: the last residual (before its layer runs) or the last attention call.
+    stop_at = max([(l, 0) for l in residual_layers] + [(l, 1) for l in attention_layers])
+
+    class Reader(AttentionHook):
+        def attend(self, layer, module, query, key, value, mask, scale):
+            if layer not in wanted_attn:
+                return None
+            fused = fuse if fuse is not None else (not softcap and query.shape[2] == key.shape[2] > 1)
+            if fused:
+                out, lse = attention_with_lse(query, key, value, float(scale))
+            else:
+                lse = attention_lse(query, key, float(scale), mask)
+            found_attn[layer] = on_attention(layer, query, key, lse, float(scale))
+            if (layer, 1) == stop_at:
+                raise _Stop
+            return out.transpose(1, 2).contiguous() if fused else None
+
+    def residual(layer: int):
+        def pre(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            found_res[layer] = on_residual(layer, hidden)
+            if (layer, 0) == stop_at:
+                raise _Stop
+        return pre
+
+    handles = [decoder.layers[l].register_forward_pre_hook(residual(l), with_kwargs=True) for l in residual_layers]
+    try:
+        with torch.no_grad(), decoder.hooked(Reader(decoder.attention)):
+            decoder.module(**decoder.data(_batch_data(model, batch)), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if attention_layers and attention_layers[0] not in found_attn:
+        raise _AttentionNotRouted
+    return found_res, found_attn
+
+
+def _run_prefill_traced(model, batch, residual_layers, on_residual, attention_layers, on_attention, fuse):
+    wanted = sorted(set(residual_layers) | set(attention_layers))
     with torch.no_grad(), model.trace() as tracer:
         for item in batch:
             with tracer.invoke(item, use_cache=False):
