@@ -34,7 +34,7 @@ step tests 100 python3 -m pytest -p no:cacheprovider -o addopts="" -q -rs tests/
   tests/test_asd.py -k "gpu or triton"
 step trace 120 python3 benchmarks/bench_trace.py --tokens 1700 8000 --repeat 20 --out "$out/trace.json"
 step tracing 300 python3 benchmarks/bench_tracing.py --repeat 3 --out "$out/tracing.json"
-step boost 130 python3 benchmarks/bench_attention_boost.py --tokens 1700 --repeat 20 --out "$out/boost.json"
-step sink 240 python3 benchmarks/bench_sink_attention.py --out "$out/sink.json"
+step boost 130 python3 benchmarks/bench_attention_boost.py --tokens 1700 --repeat 15 --out "$out/boost.json"
+step sink 240 python3 benchmarks/bench_sink_attention.py --repeat 7 --out "$out/sink.json"
 step asd 200 python3 benchmarks/bench_asd.py --repeat 5 --out "$out/asd.json"
 exit 0
