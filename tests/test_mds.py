@@ -230,3 +230,36 @@ def test_triton_column_sums_match_torch_on_gpu():
             fused = column_sums(q, k, lse, cols.cuda(), groups.cuda(), 3, 0.125, strict, "triton")
             plain = column_sums(q, k, lse, cols.cuda(), groups.cuda(), 3, 0.125, strict, "torch")
             assert torch.allclose(fused, plain, rtol=tol, atol=tol * float(plain.abs().max()))
+
+
+def test_hooked_prefill_equals_traced_prefill_and_falls_back(model, ex, monkeypatch):
+    """The prefill behind the sink analyses runs on plain hooks; it must read what the nnsight trace
+    reads, and a model whose attention is not routed through transformers' interface gets the trace."""
+    from contextlib import contextmanager
+
+    from analyses import attention as attn_mod
+    from analyses.decoding import Decoder
+    from analyses.sinks import sink_scores
+
+    cols = torch.tensor([[0, int(ex.spans.video[2]), int(ex.spans.audio[1]), len(ex) - 2]], dtype=torch.int32)
+    groups = torch.full((1, len(ex)), -1, dtype=torch.int32)
+    groups[0, ex.spans.video] = 0
+    groups[0, ex.spans.audio] = 1
+    args = (model, [ex], [0, 2, 3], lambda l, h: sink_scores(h, [0, 1]), [1, 3],
+            lambda l, q, k, lse, scale: column_sums(q, k, lse, cols, groups, 2, scale), None)
+    hooked = attn_mod._run_prefill_hooked(*args)
+    traced = attn_mod._run_prefill_traced(*args)
+    for got, want in zip(hooked, traced):
+        assert sorted(got) == sorted(want) and got
+        for layer in want:
+            assert torch.allclose(got[layer], want[layer], atol=1e-5), layer
+
+    @contextmanager
+    def not_routed(self, hook):
+        yield                                    # attention runs as the model calls it: the hook never fires
+
+    monkeypatch.setattr(Decoder, "hooked", not_routed)
+    res, sums = attn_mod.run_prefill(model, [ex], residual_layers=[0, 2, 3], on_residual=args[3],
+                                     attention_layers=[1, 3], on_attention=args[5])
+    assert sorted(res) == [0, 2, 3] and sorted(sums) == [1, 3]
+    assert all(torch.allclose(sums[l], traced[1][l], atol=1e-5) for l in sums)
