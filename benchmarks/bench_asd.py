@@ -15,12 +15,11 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import av_input, cuda_timer, full_size_model, parser, report  # noqa: E402
+from common import av_input, full_size_model, interleaved, parser, report  # noqa: E402
 
 from analyses.asd import ASDConfig, asd_generate, asd_sink_sets  # noqa: E402
 from analyses.decoding import fmd_generate, greedy_generate, vcd_generate  # noqa: E402
@@ -74,14 +73,10 @@ def main() -> None:
                     run["asd_mean_strength"] = float(out.s.mean())
                     run["asd_fallback_steps"] = int(out.fallback.sum())
         # Round-robin repeats: clock and load drift on a shared machine hit every method alike.
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        for _ in range(args.repeat):
-            for name in methods:
-                timing = cuda_timer(calls[name], warmup=0, repeat=1)
-                times[name].append(timing["ms"])
-                run.setdefault("peak_extra_gib", {})[name] = timing["peak_extra_gib"]
+        timings = interleaved({name: calls[name] for name in methods}, repeat=args.repeat, warmup=0)
         for name in methods:
-            run["ms_per_token"][name] = float(np.median(times[name])) / n
+            run["ms_per_token"][name] = timings[name]["ms"] / n
+            run.setdefault("peak_extra_gib", {})[name] = timings[name]["peak_extra_gib"]
             print(f"{name}: {run['ms_per_token'][name]:.2f} ms/token", file=sys.stderr, flush=True)
         base = run["ms_per_token"]["greedy"]
         run["ratio_vs_greedy"] = {k: v / base for k, v in run["ms_per_token"].items()}
