@@ -254,106 +254,21 @@ def _column_sums_torch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, colu
     return out
 
 
-_TRITON_KERNEL: Any = None
-
-
 def _triton_kernel() -> Any:
-    """Build (once) the Triton kernel that fuses logits, probabilities and the row-group sums.
+    """The fused Triton kernel (`analyses._column_kernel`), imported on first use."""
+    from ._column_kernel import column_sums_kernel
 
-    Flash attention with the roles turned around: one program owns a block of columns
-    (the "queries" ``k_S``) of one (batch, head) and walks the query rows after its first
-    column (the "keys"), with the row normalisers known, so no online softmax. The
-    "values" are a one-hot of each row's group, so ``P @ onehot`` on the tensor cores
-    gives the per-group sums (probabilities in float16 and float32 accumulation for half
-    inputs; exact float32 for float32 inputs). The causal mask is applied only on the
-    tiles that cross the diagonal.
-    """
-    global _TRITON_KERNEL
-    if _TRITON_KERNEL is not None:
-        return _TRITON_KERNEL
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _tile(Q, LSE, GRP, q_base, l_base, g_base, sqt, sqd, slt, sgt, offs_d, dmask, q0, T, k_cols, cols, qk_scale,
-              BLOCK_Q: tl.constexpr, GP: tl.constexpr, MASKED: tl.constexpr, STRICT: tl.constexpr,
-              IEEE: tl.constexpr):
-        offs_q = q0 + tl.arange(0, BLOCK_Q)
-        qmask = offs_q < T
-        q_t = tl.load(Q + q_base + offs_q[None, :] * sqt + offs_d[:, None] * sqd,
-                      mask=dmask[:, None] & qmask[None, :], other=0.0)                  # [DP, BLOCK_Q]
-        grp = tl.load(GRP + g_base + offs_q * sgt, mask=qmask, other=-1)
-        # Rows outside every group (and past the end) get a huge lse, hence probability 0, never inf or nan.
-        lse2 = tl.load(LSE + l_base + offs_q * slt, mask=qmask, other=1.0e30)
-        lse2 = tl.where(grp >= 0, lse2, 1.0e30) * 1.4426950408889634
-        if IEEE:
-            logits = tl.dot(k_cols, q_t, input_precision="ieee")                        # [BLOCK_S, BLOCK_Q]
-        else:
-            logits = tl.dot(k_cols, q_t)
-        p = tl.exp2(logits * qk_scale - lse2[None, :])
-        if MASKED:
-            if STRICT:
-                p = tl.where(offs_q[None, :] > cols[:, None], p, 0.0)
-            else:
-                p = tl.where(offs_q[None, :] >= cols[:, None], p, 0.0)
-        onehot = grp[:, None] == tl.arange(0, GP)[None, :]                               # [BLOCK_Q, GP]
-        if IEEE:
-            return tl.dot(p, onehot.to(tl.float32), input_precision="ieee")
-        return tl.dot(p.to(tl.float16), onehot.to(tl.float16))                        # [BLOCK_S, GP]
-
-    @triton.jit
-    def column_sums_kernel(
-        Q, K, LSE, COLS, GRP, OUT,
-        sqb, sqh, sqt, sqd, skb, skh, skt, skd, slb, slh, slt, scb, scs, sgb, sgt, sob, soh, sog, sos,
-        T, S, H, GQA, qk_scale,
-        D: tl.constexpr, DP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
-        NUM_GROUPS: tl.constexpr, GP: tl.constexpr, STRICT: tl.constexpr, IEEE: tl.constexpr,
-    ):
-        pid_s = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        kvh = h // GQA
-        offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-        smask = offs_s < S
-        cols = tl.load(COLS + b * scb + offs_s * scs, mask=smask, other=-1)
-        col_ok = cols >= 0
-        offs_d = tl.arange(0, DP)
-        dmask = offs_d < D
-        k_cols = tl.load(K + b * skb + kvh * skh + tl.where(col_ok, cols, 0)[:, None] * skt + offs_d[None, :] * skd,
-                         mask=col_ok[:, None] & dmask[None, :], other=0.0)                # [BLOCK_S, DP]
-        # Padding columns sit at T so that they never bound the row range below.
-        cols = tl.where(col_ok, cols, T)
-        lo = tl.min(cols, axis=0)
-        hi = tl.max(tl.where(col_ok, cols, -1), axis=0)
-        if STRICT:
-            lo = lo + 1
-            hi = hi + 1
-        start = (lo // BLOCK_Q) * BLOCK_Q
-        # Tiles from `start` up to the one holding row `hi` can hold rows before some column.
-        split = tl.maximum(tl.minimum(((hi + BLOCK_Q - 1) // BLOCK_Q) * BLOCK_Q, T), start)
-        q_base = b * sqb + h * sqh
-        l_base = b * slb + h * slh
-        g_base = b * sgb
-        acc = tl.zeros([BLOCK_S, GP], dtype=tl.float32)
-        for q0 in range(start, split, BLOCK_Q):
-            acc += _tile(Q, LSE, GRP, q_base, l_base, g_base, sqt, sqd, slt, sgt, offs_d, dmask, q0, T, k_cols, cols,
-                         qk_scale, BLOCK_Q, GP, True, STRICT, IEEE)
-        for q0 in range(split, T, BLOCK_Q):
-            acc += _tile(Q, LSE, GRP, q_base, l_base, g_base, sqt, sqd, slt, sgt, offs_d, dmask, q0, T, k_cols, cols,
-                         qk_scale, BLOCK_Q, GP, False, STRICT, IEEE)
-        acc = tl.where(col_ok[:, None], acc, 0.0)
-        offs_g = tl.arange(0, GP)
-        tl.store(OUT + b * sob + h * soh + offs_s[:, None] * sos + offs_g[None, :] * sog, acc,
-                 mask=smask[:, None] & (offs_g[None, :] < NUM_GROUPS))
-
-    _TRITON_KERNEL = column_sums_kernel
-    return _TRITON_KERNEL
+    return column_sums_kernel
 
 
-#: Tile sizes of the fused kernel (head_dim <= 128, half precision) and otherwise.
-TRITON_CONFIG = {"block_s": 128, "block_q": 32, "num_warps": 4, "num_stages": 3}  # best of a sweep on an H200
-TRITON_CONFIG_WIDE = {"block_s": 64, "block_q": 32, "num_warps": 4, "num_stages": 2}
+#: Tile sizes and options of the fused kernel (`analyses._column_kernel`) for head_dim <= 128
+#: in half precision, and otherwise: ``fma_exp`` (half the exponentials on the FMA units),
+#: ``trans_q`` (load query tiles row-major, transpose in registers), ``reverse`` (walk the
+#: rows from the end), ``heads_first`` (launch order).
+TRITON_CONFIG = {"block_s": 128, "block_q": 32, "num_warps": 4, "num_stages": 1, "fma_exp": 0,
+                 "trans_q": 1, "reverse": 1, "heads_first": 1}  # best of a sweep on an H200 (docs/benchmarks.md)
+TRITON_CONFIG_WIDE = {"block_s": 64, "block_q": 32, "num_warps": 4, "num_stages": 2, "fma_exp": 0, "trans_q": 0,
+                      "reverse": 0, "heads_first": 0}
 
 #: Most row groups the fused kernel takes (its one-hot block has 16 rows).
 MAX_TRITON_GROUPS = 16
@@ -384,14 +299,17 @@ def _column_sums_triton(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, col
     ieee = q.dtype == torch.float32
     config = dict(TRITON_CONFIG if d <= 128 and not ieee else TRITON_CONFIG_WIDE)
     block_q, block_s = config.pop("block_q"), config.pop("block_s")
-    grid = (triton.cdiv(s_count, block_s), b * h)
+    flags = {name.upper(): bool(config.pop(name, 0)) for name in ("fma_exp", "trans_q", "reverse", "heads_first")}
+    flags["FMA_EXP"] = flags["FMA_EXP"] and not ieee
+    blocks = triton.cdiv(s_count, block_s)
+    grid = (b * h, blocks) if flags["HEADS_FIRST"] else (blocks, b * h)
     lse, columns, row_groups = lse.float(), columns.to(torch.int32), row_groups.to(torch.int32)
     kernel[grid](
         q, k, lse, columns, row_groups, out,
         *q.stride(), *k.stride(), *lse.stride(), *columns.stride(), *row_groups.stride(), *out.stride(),
         t, s_count, h, h // k.shape[1], float(scale) * LOG2E,
         D=d, DP=triton.next_power_of_2(max(d, 16)), BLOCK_Q=block_q, BLOCK_S=block_s,
-        NUM_GROUPS=num_groups, GP=16, STRICT=bool(strict), IEEE=ieee, **config,
+        NUM_GROUPS=num_groups, GP=16, STRICT=bool(strict), IEEE=ieee, **flags, **config,
     )
     return out
 

@@ -12,7 +12,8 @@ positions: `modality_dominance` given K = T/2 sinks that tie, as in the benchmar
 
 - ``attention``: one `attention_with_lse` call, the attention the fused prefill runs anyway;
 - ``columns[config]``: one `column_sums` call per Triton tile config
-  (``block_s,block_q,num_warps,num_stages``; the first is the shipped one).
+  (``block_s,block_q,num_warps,num_stages`` then optionally ``fma_exp,trans_q,reverse,heads_first``, see
+  `analyses.attention.TRITON_CONFIG`; the first is the shipped one).
 
 ``ratio`` = columns / attention is what the sink analysis adds per layer on the GPU; issue 4 wants
 the whole analysis <= 1.3x a forward at 32k. Each
@@ -25,18 +26,11 @@ from __future__ import annotations
 
 import torch
 
-from common import cuda_timer, parser, report
+from common import TRITON_KEYS, cuda_timer, parse_triton_config, parser, report
 
 from analyses import attention as attn  # noqa: E402  (common puts the repo root on the path)
 
-SHIPPED = ",".join(str(attn.TRITON_CONFIG[k]) for k in ("block_s", "block_q", "num_warps", "num_stages"))
-
-
-def parse_config(text: str) -> dict[str, int]:
-    parts = [int(x) for x in text.split(",")]
-    if len(parts) != 4:
-        raise SystemExit(f"a config is block_s,block_q,num_warps,num_stages; got {text!r}")
-    return dict(zip(("block_s", "block_q", "num_warps", "num_stages"), parts))
+SHIPPED = ",".join(str(attn.TRITON_CONFIG[k]) for k in TRITON_KEYS)
 
 
 TEXT_PREFIX = 20
@@ -64,8 +58,8 @@ def layer_inputs(tokens: int, device: str, dtype: torch.dtype, columns: str = "a
 def main() -> None:
     p = parser(__doc__)
     p.set_defaults(tokens=[8000, 16000, 32000], repeat=5)
-    p.add_argument("--configs", nargs="*", default=[SHIPPED, "256,32,8,3", "128,64,4,3", "128,64,8,3", "64,32,4,3"],
-                   help="Triton tile configs block_s,block_q,num_warps,num_stages (first: the baseline)")
+    p.add_argument("--configs", nargs="*", default=[SHIPPED, "128,32,4,3,0,0,0,0", "128,32,4,2,0,1,1,1", "128,32,4,1,1,1,1,1"],
+                   help="Triton configs block_s,block_q,num_warps,num_stages[,fma_exp,trans_q,reverse,heads_first] (first: baseline; the second is the kernel before 2026-12-02)")
     p.add_argument("--columns", default="all", help="all | early-half | random-half (see above)")
     p.add_argument("--check-max", type=int, default=8000, help="check against the torch path up to this length")
     args = p.parse_args()
@@ -88,7 +82,7 @@ def main() -> None:
             reference = attn.column_sums(x["q"], x["k"], lse, x["columns"], x["groups"], 2, scale, True, "torch")
         for text in configs:
             if text != "torch":
-                attn.TRITON_CONFIG = {**shipped, **parse_config(text)}
+                attn.TRITON_CONFIG = {**shipped, **parse_triton_config(text)}
             try:
                 call = lambda: attn.column_sums(x["q"], x["k"], lse, x["columns"], x["groups"], 2, scale,  # noqa: E731
                                                 True, backend, validate=False)

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from common import av_input, cuda_timer, full_size_model, interleaved, parser, report
+from common import av_input, cuda_timer, full_size_model, interleaved, parse_triton_config, parser, report
 
 import analyses  # noqa: E402  (common puts the repo root on the path)
 
@@ -81,7 +81,12 @@ def main() -> None:
     p.set_defaults(tokens=None, repeat=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-eager", action="store_true", help="skip the eager-maps baseline")
+    p.add_argument("--triton-config", help="override the column kernel's config (bench_column_kernel.py's format)")
     args = p.parse_args()
+    if args.triton_config:
+        from analyses import attention
+
+        attention.TRITON_CONFIG = {**attention.TRITON_CONFIG, **parse_triton_config(args.triton_config)}
     tokens = args.tokens or ([160, 320] if args.small else [1700, 8000, 16000, 32000])
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -90,7 +95,8 @@ def main() -> None:
     dims = model.adapter.known_sink_dims() or [0, 1]
     results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype),
                "layers": model.num_layers, "hidden": model.hidden_size, "sink_dims": dims,
-               "note": "tau=0: every token is a sink, K = T/2 (worst case for the MDS columns)", "runs": []}
+               "note": "tau=0: every token is a sink, K = T/2 (worst case for the MDS columns)",
+               "triton_config": dict(analyses.attention.TRITON_CONFIG), "runs": []}
     for n_tokens in tokens:
         ex = av_input(model, n_tokens).to(args.device)
         data = ex.data

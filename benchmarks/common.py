@@ -24,6 +24,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nnsight_av as nav  # noqa: E402
 from nnsight_av.testing.tiny import tiny_processor, tiny_qwen2_5_omni_config  # noqa: E402
 
+#: The keys of `analyses.attention.TRITON_CONFIG`, in the order ``--triton-config`` takes them.
+TRITON_KEYS = ("block_s", "block_q", "num_warps", "num_stages", "fma_exp", "trans_q", "reverse", "heads_first")
+
+
+def parse_triton_config(text: str) -> dict[str, int]:
+    """``"128,64,8,3"``, optionally followed by fma_exp, trans_q, reverse, heads_first -> a partial TRITON_CONFIG."""
+    try:
+        parts = [int(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
+    if not 4 <= len(parts) <= len(TRITON_KEYS):
+        raise SystemExit(f"a Triton config is {','.join(TRITON_KEYS[:4])}[,{','.join(TRITON_KEYS[4:])}] (integers, "
+                         f"trailing ones optional); got {text!r}")
+    return dict(zip(TRITON_KEYS, parts))
+
+
 SEVEN_B_TEXT = dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate_size=18944, vocab_size=152064)
 
 

@@ -215,8 +215,13 @@ def test_mds_result_roundtrip_views_and_plots(model, ex, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused Triton kernel needs a CUDA device")
-def test_triton_column_sums_match_torch_on_gpu():
+@pytest.mark.parametrize("options", [{}, {"fma_exp": 1, "trans_q": 1}, {"reverse": 1, "heads_first": 1}],
+                         ids=["shipped", "fma_exp+trans_q", "reverse+heads_first"])
+def test_triton_column_sums_match_torch_on_gpu(options, monkeypatch):
     pytest.importorskip("triton")
+    from analyses import attention as attn_mod
+
+    monkeypatch.setattr(attn_mod, "TRITON_CONFIG", {**attn_mod.TRITON_CONFIG, **options})
     torch.manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-3)):
         q = torch.randn(2, 8, 700, 64, device="cuda", dtype=dtype)
