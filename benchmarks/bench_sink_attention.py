@@ -76,12 +76,27 @@ def eager_va(model, ex, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         module.set_attn_implementation("sdpa")
 
 
+def with_config(text: str, fn):
+    """``fn`` run with the column kernel's config replaced by ``text`` (restored afterwards)."""
+    from analyses import attention
+
+    def run() -> None:
+        shipped = attention.TRITON_CONFIG
+        attention.TRITON_CONFIG = {**shipped, **parse_triton_config(text)}
+        try:
+            fn()
+        finally:
+            attention.TRITON_CONFIG = shipped
+    return run
+
+
 def main() -> None:
     p = parser(__doc__)
     p.set_defaults(tokens=None, repeat=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-eager", action="store_true", help="skip the eager-maps baseline")
     p.add_argument("--triton-config", help="override the column kernel's config (bench_column_kernel.py's format)")
+    p.add_argument("--compare-config", help="also time sink_analysis with this kernel config, round-robin with the rest")
     args = p.parse_args()
     if args.triton_config:
         from analyses import attention
@@ -111,6 +126,8 @@ def main() -> None:
                 model._module(**data, use_cache=False)
 
         calls = {"ours_sink_analysis": ours, "sdpa_forward": sdpa}
+        if args.compare_config:
+            calls[f"ours_sink_analysis[{args.compare_config}]"] = with_config(args.compare_config, ours)
         _free()
         try:
             ours()                                   # the sinks, for the MDS-only entry
@@ -139,6 +156,9 @@ def main() -> None:
         a, b, c = run.get("ours_sink_analysis", {}), run.get("sdpa_forward", {}), run.get("eager_maps", {})
         if "ms" in a and "ms" in b:
             run["time_vs_sdpa"] = a["ms"] / b["ms"]
+        other = run.get(f"ours_sink_analysis[{args.compare_config}]", {})
+        if "ms" in other and "ms" in b:
+            run[f"time_vs_sdpa[{args.compare_config}]"] = other["ms"] / b["ms"]
         if "ms" in a and "ms" in c:
             run["eager_speedup"] = c["ms"] / a["ms"]
             if cuda and c["peak_extra_gib"] > 0:
