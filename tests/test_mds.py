@@ -18,19 +18,18 @@ from test_sinks import CHANNEL, TAU, planted  # noqa: F401  (shared planting hel
 
 
 @pytest.fixture(scope="module")
-def model():
-    return nav.testing.tiny_model(seed=0, attn_implementation="sdpa")
+def model(tiny):
+    return tiny
 
 
 @pytest.fixture(scope="module")
-def eager():
-    return nav.testing.tiny_model(seed=0, attn_implementation="eager")
+def eager(tiny_eager):
+    return tiny_eager
 
 
 @pytest.fixture(scope="module")
-def ex(model):
-    return model.prepare(video=nav.testing.synthetic_frames(4.0, 2, 56), audio=nav.testing.synthetic_tone(4.0),
-                         text="What is making the sound?")
+def ex(av_example):
+    return av_example
 
 
 @pytest.fixture(scope="module")

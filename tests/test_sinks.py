@@ -20,14 +20,13 @@ TAU = 5.0          # phi is at most sqrt(hidden) = 8 in the tiny model; a plante
 
 
 @pytest.fixture(scope="module")
-def model():
-    return nav.testing.tiny_model(seed=0)
+def model(tiny):
+    return tiny
 
 
 @pytest.fixture(scope="module")
-def ex(model):
-    return model.prepare(video=nav.testing.synthetic_frames(4.0, 2, 56), audio=nav.testing.synthetic_tone(4.0),
-                         text="What is making the sound?")
+def ex(av_example):
+    return av_example
 
 
 @pytest.fixture(scope="module")
