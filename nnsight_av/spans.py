@@ -9,7 +9,7 @@ span is a sorted 1-D ``LongTensor`` of positions, usable directly as an index:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from jaxtyping import Int
@@ -191,6 +191,21 @@ def chunk_bounds(token_times: Sequence[float], tokens_per_chunk: int) -> list[tu
     return bounds
 
 
+def expect_token(ids: Sequence[int], position: int, token: int, what: str) -> None:
+    """Raise `SpanError` unless ``ids[position] == token`` (the layout a parser predicted)."""
+    if position >= len(ids) or ids[position] != token:
+        found = ids[position] if position < len(ids) else "end of sequence"
+        raise SpanError(f"layout mismatch at position {position}: expected {what} token {token}, found {found}")
+
+
+def next_block(iterator: Iterator[Any], what: str) -> Any:
+    """The processor's record of the next ``what`` block; `SpanError` if the ids hold more blocks."""
+    try:
+        return next(iterator)
+    except StopIteration:
+        raise SpanError(f"the token ids contain more {what} blocks than the processor produced") from None
+
+
 def parse_spans(input_ids: Sequence[int], tokens: LayoutTokens, layout: MediaLayout) -> Spans:
     """Build `Spans` for one sequence of ``input_ids`` (no padding).
 
@@ -206,30 +221,23 @@ def parse_spans(input_ids: Sequence[int], tokens: LayoutTokens, layout: MediaLay
     tpc = int(layout.position_id_per_seconds * layout.seconds_per_chunk)
 
     def expect(position: int, token: int, what: str) -> None:
-        if position >= n or ids[position] != token:
-            found = ids[position] if position < n else "end of sequence"
-            raise SpanError(f"layout mismatch at position {position}: expected {what} token {token}, found {found}")
+        expect_token(ids, position, token, what)
 
-    def take(iterator, what: str):
-        try:
-            return next(iterator)
-        except StopIteration:
-            raise SpanError(f"the token ids contain more {what} blocks than the processor produced") from None
 
     i = 0
     while i < n:
         tok = ids[i]
         if tok == tokens.vision_bos and i + 1 < n and ids[i + 1] == tokens.audio_bos and layout.interleave == "timestamp":
-            v = take(videos, "video")
-            a_count = take(audios, "audio")
+            v = next_block(videos, "video")
+            a_count = next_block(audios, "audio")
             vp, ap, block_chunks, pos = _timestamp_block(ids, i + 2, tokens, layout, v, a_count)
             video_pos += vp; audio_pos += ap
             chunks += [Chunk(len(chunks) + c.index, c.video, c.audio, c.start_s, c.end_s) for c in block_chunks]
             expect(pos, tokens.audio_eos, "audio_eos"); expect(pos + 1, tokens.vision_eos, "vision_eos")
             i = pos + 2
         elif tok == tokens.vision_bos and i + 1 < n and ids[i + 1] == tokens.audio_bos:
-            v = take(videos, "video")
-            a_count = take(audios, "audio")
+            v = next_block(videos, "video")
+            a_count = next_block(audios, "audio")
             per_patch, patches = layout.video_tokens_per_patch[v], layout.video_patches[v]
             sec = layout.video_seconds_per_patch[v]
             video_times = [p * sec * layout.position_id_per_seconds for p in range(patches) for _ in range(per_patch)]
@@ -250,7 +258,7 @@ def parse_spans(input_ids: Sequence[int], tokens: LayoutTokens, layout: MediaLay
             expect(pos, tokens.audio_eos, "audio_eos"); expect(pos + 1, tokens.vision_eos, "vision_eos")
             i = pos + 2
         elif tok == tokens.vision_bos and i + 1 < n and ids[i + 1] == tokens.video:
-            v = take(videos, "video")
+            v = next_block(videos, "video")
             count = layout.video_tokens_per_patch[v] * layout.video_patches[v]
             for k in range(count):
                 expect(i + 1 + k, tokens.video, "video")
@@ -258,14 +266,14 @@ def parse_spans(input_ids: Sequence[int], tokens: LayoutTokens, layout: MediaLay
             expect(i + 1 + count, tokens.vision_eos, "vision_eos")
             i += count + 2
         elif tok == tokens.vision_bos and i + 1 < n and ids[i + 1] == tokens.image:
-            count = take(images, "image")
+            count = next_block(images, "image")
             for k in range(count):
                 expect(i + 1 + k, tokens.image, "image")
             image_pos += range(i + 1, i + 1 + count)
             expect(i + 1 + count, tokens.vision_eos, "vision_eos")
             i += count + 2
         elif tok == tokens.audio_bos and i + 1 < n and ids[i + 1] == tokens.audio:
-            count = take(audios, "audio")
+            count = next_block(audios, "audio")
             for k in range(count):
                 expect(i + 1 + k, tokens.audio, "audio")
             audio_pos += range(i + 1, i + 1 + count)

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import SpanError
-from ..spans import Chunk, Spans, turn_spans
+from ..spans import Chunk, Spans, expect_token, next_block, turn_spans
 from .base import Adapter, register_adapter
 
 
@@ -78,22 +78,15 @@ class SalmonnStyleAdapter(Adapter):
             return end - start
 
         def expect(pos: int, token: int, what: str) -> None:
-            if pos >= len(ids) or ids[pos] != token:
-                found = ids[pos] if pos < len(ids) else "end of sequence"
-                raise SpanError(f"layout mismatch at position {pos}: expected {what} token {token}, found {found}")
+            expect_token(ids, pos, token, what)
 
-        def take(iterator, what: str):
-            try:
-                return next(iterator)
-            except StopIteration:
-                raise SpanError(f"the token ids contain more {what} blocks than the processor produced") from None
 
         i = 0
         while i < len(ids):
             if ids[i] == tok.vision_bos and i + 1 < len(ids) and ids[i + 1] == tok.audio_bos:
                 # <vision><audio> then per frame: tpf video tokens, the audio tokens that start during it.
-                frames, fps = take(videos, "video")
-                n_audio, j, pos = take(audio_counts, "audio"), 0, i + 2
+                frames, fps = next_block(videos, "video")
+                n_audio, j, pos = next_block(audio_counts, "audio"), 0, i + 2
                 per_chunk: dict[int, tuple[list[int], list[int]]] = {}
                 for f in range(frames):
                     expect(pos, tok.video, "video")
@@ -127,9 +120,9 @@ class SalmonnStyleAdapter(Adapter):
                 # Separate blocks: <audio> A.. </audio>, <vision> V.. </vision>, <vision> I.. </vision>.
                 token, eos = ids[i + 1], (tok.audio_eos if ids[i] == tok.audio_bos else tok.vision_eos)
                 if token == tok.audio and ids[i] == tok.audio_bos:
-                    count, target = take(audio_counts, "audio"), audio
+                    count, target = next_block(audio_counts, "audio"), audio
                 elif token == tok.video and ids[i] == tok.vision_bos:
-                    count, target = take(videos, "video")[0] * tpf, video
+                    count, target = next_block(videos, "video")[0] * tpf, video
                 elif token == tok.image and ids[i] == tok.vision_bos:
                     count, target = tpf, image
                 else:
