@@ -9,6 +9,8 @@ used only for batched generation; see docs/gotchas.md).
 
 from __future__ import annotations
 
+import copy
+
 import json
 from typing import Any, Iterator
 
@@ -114,12 +116,18 @@ class AVModel(Remotable):
     ) -> None:
         super().__init__(module, **envoy_kwargs)
         adapter_obj = adapter if isinstance(adapter, Adapter) else adapter(module, processor)
+        merged_kwargs = {**adapter_obj.processor_kwargs, **(processor_kwargs or {})}
+        if processor_kwargs:
+            # The adapter's layout code must see the kwargs the processor is really called with (a
+            # time scale, a chunk length); a shared adapter instance keeps its own defaults.
+            adapter_obj = copy.copy(adapter_obj) if isinstance(adapter, Adapter) else adapter_obj
+            adapter_obj.processor_kwargs = merged_kwargs
         object.__setattr__(self, "adapter", adapter_obj)
         object.__setattr__(self, "processor", processor)
         object.__setattr__(self, "checkpoint", checkpoint)
         object.__setattr__(self, "default_system",
                            adapter_obj.default_system if default_system == "adapter" else default_system)
-        object.__setattr__(self, "processor_kwargs", {**adapter_obj.processor_kwargs, **(processor_kwargs or {})})
+        object.__setattr__(self, "processor_kwargs", merged_kwargs)
         object.__setattr__(self, "_padding_offsets", [])
         self._configure_generation()
 

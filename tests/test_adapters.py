@@ -289,6 +289,24 @@ def test_qwen3_interleaved_layout_and_chunks_by_hand(qwen3):
     assert (chunk0.start_s, chunk0.end_s, chunk1.start_s, chunk1.end_s) == (0.0, 2.0, 2.0, 4.0)
 
 
+def test_qwen3_span_parser_uses_the_models_processor_kwargs():
+    """A per-model processor override (here the rope time scale) reaches the adapter's layout code."""
+    base = nav.testing.tiny_model("qwen3_omni_moe", seed=1)
+    base._module.config.position_id_per_seconds = 25          # the rope index and the processor agree again
+    model = nav.AVModel(base._module, adapter=base.adapter, processor=base.processor,
+                        default_system=base.default_system,
+                        processor_kwargs={**base.processor_kwargs, "position_id_per_seconds": 25})
+    assert model.adapter is not base.adapter and base.adapter.processor_kwargs.get("position_id_per_seconds") is None
+    assert model.adapter.config_problems() == []
+    ex = model.prepare(video=frames(4.0, 2, 64), audio=tone(4.0), text="What is making the sound?")
+    block = hand_timestamp_layout(4, 4, 1.0, 25, 52)
+    assert block != hand_timestamp_layout(4, 4, 1.0, 13, 52) and block in ex.layout()
+    start = ex.layout().index(block)
+    chunk0, chunk1 = ex.spans.chunks                          # 2 s chunks = 50 rope units: patches 0-1 + audio 0-49
+    assert chunk0.audio.numel() == 50 and chunk1.audio.numel() == 2 and chunk0.video.numel() == 8
+    assert int(chunk0.video[0]) == start
+
+
 def test_qwen3_chunks_follow_the_models_own_rope_times(qwen3):
     ex = qwen3.prepare(video=frames(6.0, 2, 64, seed=3), audio=tone(5.5), text="Describe it")
     data = ex.data
