@@ -344,6 +344,56 @@ class SinkAnalysis(NamedTuple):
     mds: MDSResult
 
 
+def _stored_bytes(model: "AVModel", chunk: Sequence["AVInputs"]) -> int:
+    """Memory that keeping q, k and the log-sum-exp of every layer costs for one batch."""
+    config = model.adapter.text_config
+    heads = model.num_heads
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or model.hidden_size // heads)
+    elem = model._module.get_input_embeddings().weight.element_size()
+    per_token = (heads + kv_heads) * head_dim * elem + heads * 4
+    return model.num_layers * len(chunk) * max(len(it) for it in chunk) * per_token
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+#: `sink_analysis(defer=None)` keeps every layer's q/k when that takes at most this share of free memory.
+DEFER_MEMORY_SHARE = 0.25
+
+
+def _should_defer(model: "AVModel", chunk: Sequence["AVInputs"], defer: bool | None) -> bool:
+    if defer is not None:
+        return bool(defer)
+    free = _free_bytes(model._module.get_input_embeddings().weight.device)
+    return free is not None and _stored_bytes(model, chunk) <= DEFER_MEMORY_SHARE * free
+
+
+def _media_groups(item: "AVInputs") -> torch.Tensor:
+    """Row group of every position: 0 video, 1 audio, -1 the rest."""
+    g = torch.full((len(item),), -1, dtype=torch.long)
+    g[item.spans.video] = 0
+    g[item.spans.audio] = 1
+    return g
+
+
+def _mds_from_sums(model: "AVModel", item: "AVInputs", gids: torch.Tensor, pos: torch.Tensor, labels: list[str],
+                   layer_list: list[int], sums: torch.Tensor) -> "MDSResult":
+    """``sums [L, 2, S]`` (summed over heads and rows) -> V and A means -> `MDSResult`."""
+    counts = _group_counts(gids, 2, pos, True)
+    denom = (counts * model.num_heads).float()
+    mean = torch.where(denom > 0, sums / denom.clamp(min=1), torch.zeros_like(sums))
+    return MDSResult(pos, labels, layer_list, mean[:, 0], mean[:, 1])
+
+
 def sink_analysis(
     model: "AVModel",
     inputs: "AVInputs | Sequence[AVInputs]",
@@ -355,15 +405,21 @@ def sink_analysis(
     fuse: bool | None = None,
     backend: str = "auto",
     batch_size: int = 1,
+    defer: bool | None = None,
     progress: bool = True,
 ) -> "SinkAnalysis | list[SinkAnalysis]":
     """`find_sinks` and `modality_dominance` in a single prefill.
 
-    The sinks are known only after the last layer, so at every layer the attention that
-    video and audio queries pay to *every* video/audio column is reduced on the fly to two
-    numbers per column (``O(T)`` memory, no stored q/k), and the global sinks' columns are
-    picked at the end. This costs one extra causal pass over the logits per layer (fused
-    on GPUs), instead of a second forward; see docs/sinks.md for the measured cost.
+    The sinks are known only after the last layer. ``defer=True`` keeps every layer's
+    post-rotary q, k and row log-sum-exp (no copies: the tensors the forward made) and,
+    after the last layer, reduces the attention to the global sinks' columns only: the cost
+    grows with the number of sinks, the memory is ``layers x (heads + kv_heads) x T x
+    head_dim`` elements (1.9 GB at 8k tokens, 7.4 GB at 28k for a 7B model in bf16).
+    ``defer=False`` instead reduces every video/audio column at every layer on the fly to
+    two numbers per column (``O(T)`` memory; one extra causal pass over the logits per
+    layer). ``None`` (default) defers when the stored tensors take at most a quarter of the
+    free device memory (`DEFER_MEMORY_SHARE`). Both give the same numbers (to float
+    rounding); see docs/sinks.md for the measured cost.
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
@@ -382,37 +438,56 @@ def sink_analysis(
     layer_list = list(range(model.num_layers))
     out: list[SinkAnalysis] = []
     for chunk in progress_batches(items, batch_size, progress, "sink analysis"):
-        cols = [torch.sort(torch.cat([it.spans.video, it.spans.audio]).long()).values for it in chunk]
-        gids = []
-        for it in chunk:
-            g = torch.full((len(it),), -1, dtype=torch.long)
-            g[it.spans.video] = 0
-            g[it.spans.audio] = 1
-            gids.append(g)
-        col_batch = batch_tensors(chunk, cols, -1)
+        gids = [_media_groups(it) for it in chunk]
         grp_batch = batch_tensors(chunk, gids, -1)
-        cache: dict[str, torch.Tensor] = {}
+        deferred = _should_defer(model, chunk, defer)
+        if deferred:
+            stored: dict[int, tuple] = {}
 
-        def on_attention(layer: int, q: torch.Tensor, k_: torch.Tensor, lse: torch.Tensor, scale: float,
-                         col_batch=col_batch, grp_batch=grp_batch, cache=cache) -> torch.Tensor:
-            if "cols" not in cache:
-                cache["cols"] = col_batch.to(device=q.device, dtype=torch.int32)
-                cache["grp"] = grp_batch.to(device=q.device, dtype=torch.int32)
-            return column_sums(q, k_, lse, cache["cols"], cache["grp"], 2, scale, True, backend, validate=False).sum(1)
+            def on_attention(layer: int, q: torch.Tensor, k_: torch.Tensor, lse: torch.Tensor, scale: float,
+                             stored=stored) -> None:
+                stored[layer] = (q, k_, lse, scale)
+        else:
+            cols = [torch.sort(torch.cat([it.spans.video, it.spans.audio]).long()).values for it in chunk]
+            col_batch = batch_tensors(chunk, cols, -1)
+            cache: dict[str, torch.Tensor] = {}
+
+            def on_attention(layer: int, q: torch.Tensor, k_: torch.Tensor, lse: torch.Tensor, scale: float,
+                             col_batch=col_batch, grp_batch=grp_batch, cache=cache) -> torch.Tensor:
+                if "cols" not in cache:
+                    cache["cols"] = col_batch.to(device=q.device, dtype=torch.int32)
+                    cache["grp"] = grp_batch.to(device=q.device, dtype=torch.int32)
+                return column_sums(q, k_, lse, cache["cols"], cache["grp"], 2, scale, True, backend,
+                                   validate=False).sum(1)
 
         scores_found, sums_found = run_prefill(
             model, chunk, residual_layers=layer_list, on_residual=lambda layer, h: sink_scores(h, dims),
             attention_layers=layer_list, on_attention=on_attention, fuse=fuse)
         all_scores = torch.stack([scores_found[l] for l in layer_list]).cpu()                 # [L, B, T]
-        all_sums = torch.stack([sums_found[l] for l in layer_list]).cpu()                     # [L, B, 2, S]
+        found = []
         for i, item in enumerate(chunk):
             n = len(item)
             sinks = SinkResult(all_scores[:, i, :n], layer_list, list(dims), tau, float(k_divide), modality_codes(item), k)
-            pos, labels = _sink_positions(sinks, item)
-            index = torch.searchsorted(cols[i], pos)
-            sums = all_sums[:, i][:, :, index]                                                # [L, 2, S]
-            counts = _group_counts(gids[i], 2, pos, True)
-            denom = (counts * model.num_heads).float()
-            mean = torch.where(denom > 0, sums / denom.clamp(min=1), torch.zeros_like(sums))
-            out.append(SinkAnalysis(sinks, MDSResult(pos, labels, layer_list, mean[:, 0], mean[:, 1])))
+            found.append((sinks, *_sink_positions(sinks, item)))
+        if deferred:
+            sink_cols = batch_tensors(chunk, [pos for _, pos, _ in found], -1)
+            per_layer = []
+            for layer in layer_list:
+                q, k_, lse, scale = stored.pop(layer)      # freed as it goes
+                if sink_cols.shape[1] == 0:
+                    per_layer.append(torch.zeros(len(chunk), 2, 0))
+                    continue
+                per_layer.append(column_sums(q, k_, lse, sink_cols.to(device=q.device, dtype=torch.int32),
+                                             grp_batch.to(device=q.device, dtype=torch.int32), 2, scale, True,
+                                             backend, validate=False).sum(1).cpu())
+                del q, k_, lse
+            all_sums = torch.stack(per_layer)                                                 # [L, B, 2, S]
+        else:
+            all_sums = torch.stack([sums_found[l] for l in layer_list]).cpu()                 # [L, B, 2, S_media]
+        for i, (item, (sinks, pos, labels)) in enumerate(zip(chunk, found)):
+            if deferred:
+                sums = all_sums[:, i, :, :pos.numel()]
+            else:
+                sums = all_sums[:, i][:, :, torch.searchsorted(cols[i], pos)]                # [L, 2, S]
+            out.append(SinkAnalysis(sinks, _mds_from_sums(model, item, gids[i], pos, labels, layer_list, sums)))
     return out[0] if single else out

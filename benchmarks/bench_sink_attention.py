@@ -5,7 +5,8 @@
 
 Per length, in one run on one model (random weights):
   (a) ``sink_analysis``: one prefill giving the sink mask, the global sinks and their MDS
-      (every video/audio column reduced on the fly; see docs/sinks.md); also
+      (default ``defer``: q/k kept and only the sinks' columns reduced after the last layer;
+      ``_streamed``: every video/audio column reduced on the fly; see docs/sinks.md); also
       ``modality_dominance`` alone with K = T/2 sinks given (the worst case: columns at the
       start of the sequence, tau = 0 makes every token a sink);
   (b) a plain HF forward under SDPA (logits included, as HF computes them);
@@ -95,6 +96,9 @@ def main() -> None:
     p.set_defaults(tokens=None, repeat=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-eager", action="store_true", help="skip the eager-maps baseline")
+    p.add_argument("--tau", type=float, default=0.0,
+                   help="sink threshold: 0 makes every token a sink (K = T/2, the worst case); with random "
+                        "weights ~3.5 leaves a few hundred sinks, as in a real model")
     p.add_argument("--triton-config", help="override the column kernel's config (bench_column_kernel.py's format)")
     p.add_argument("--compare-config", help="also time sink_analysis with this kernel config, round-robin with the rest")
     args = p.parse_args()
@@ -110,7 +114,7 @@ def main() -> None:
     dims = model.adapter.known_sink_dims() or [0, 1]
     results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype),
                "layers": model.num_layers, "hidden": model.hidden_size, "sink_dims": dims,
-               "note": "tau=0: every token is a sink, K = T/2 (worst case for the MDS columns)",
+               "tau": args.tau, "note": "tau=0: every token is a sink, K = T/2 (worst case for the MDS columns)",
                "triton_config": dict(analyses.attention.TRITON_CONFIG), "runs": []}
     for n_tokens in tokens:
         ex = av_input(model, n_tokens).to(args.device)
@@ -119,13 +123,16 @@ def main() -> None:
         holder: dict = {}
 
         def ours() -> None:
-            holder["result"] = analyses.sink_analysis(model, ex, dims=dims, tau=0.0, progress=False)
+            holder["result"] = analyses.sink_analysis(model, ex, dims=dims, tau=args.tau, progress=False)
+
+        def ours_streamed() -> None:
+            analyses.sink_analysis(model, ex, dims=dims, tau=args.tau, defer=False, progress=False)
 
         def sdpa() -> None:
             with torch.no_grad():
                 model._module(**data, use_cache=False)
 
-        calls = {"ours_sink_analysis": ours, "sdpa_forward": sdpa}
+        calls = {"ours_sink_analysis": ours, "ours_sink_analysis_streamed": ours_streamed, "sdpa_forward": sdpa}
         if args.compare_config:
             calls[f"ours_sink_analysis[{args.compare_config}]"] = with_config(args.compare_config, ours)
         _free()
@@ -156,6 +163,10 @@ def main() -> None:
         a, b, c = run.get("ours_sink_analysis", {}), run.get("sdpa_forward", {}), run.get("eager_maps", {})
         if "ms" in a and "ms" in b:
             run["time_vs_sdpa"] = a["ms"] / b["ms"]
+            run["deferred"] = bool(analyses.mds._should_defer(model, [ex], None))
+        streamed = run.get("ours_sink_analysis_streamed", {})
+        if "ms" in streamed and "ms" in b:
+            run["time_vs_sdpa_streamed"] = streamed["ms"] / b["ms"]
         other = run.get(f"ours_sink_analysis[{args.compare_config}]", {})
         if "ms" in other and "ms" in b:
             run[f"time_vs_sdpa[{args.compare_config}]"] = other["ms"] / b["ms"]

@@ -87,13 +87,14 @@ def test_sink_columns_and_mds_equal_eager_maps_on_gpu():
     cols = [0, int(ex.spans.video[3]), int(ex.spans.audio[0]), len(ex) - 1]
     got = analyses.column_attention(sdpa, ex, cols).cpu()
     assert torch.allclose(got, maps[..., cols], atol=1e-4)
-    found, mds = analyses.sink_analysis(sdpa, ex, dims=[0, 1], tau=0.0, progress=False)
     labels = ex.spans.modality_of()
-    for j, s in enumerate(mds.positions.tolist()[:6]):
-        for values, modality in ((mds.V, "video"), (mds.A, "audio")):
-            rows = [q for q in range(s + 1, len(ex)) if labels[q] == modality]
-            want = maps[:, :, rows, s].mean((1, 2)) if rows else torch.zeros(maps.shape[0])
-            assert torch.allclose(values[:, j].cpu().float(), want, atol=1e-4), (s, modality)
+    for defer in (True, False):          # sinks' columns after the last layer / every media column on the fly
+        found, mds = analyses.sink_analysis(sdpa, ex, dims=[0, 1], tau=0.0, defer=defer, progress=False)
+        for j, s in enumerate(mds.positions.tolist()[:6]):
+            for values, modality in ((mds.V, "video"), (mds.A, "audio")):
+                rows = [q for q in range(s + 1, len(ex)) if labels[q] == modality]
+                want = maps[:, :, rows, s].mean((1, 2)) if rows else torch.zeros(maps.shape[0])
+                assert torch.allclose(values[:, j].cpu().float(), want, atol=1e-4), (s, modality, defer)
 
 
 def test_asd_triton_decode_equals_torch_path_on_gpu():

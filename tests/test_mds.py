@@ -145,6 +145,48 @@ def test_one_pass_sink_analysis_equals_two_passes(model, ex):
     assert len(batch) == 2 and torch.allclose(batch[0].mds.V, batch[1].mds.V, atol=1e-6)
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["hooked", "traced"])
+def test_deferred_columns_equal_streamed_columns(model, ex, ex_short, traced, monkeypatch):
+    """Keeping q/k and reducing only the sinks' columns at the end gives what reducing every media
+    column on the fly gives, for a batch of two lengths, on the hooked and the traced prefill."""
+    from contextlib import contextmanager
+
+    from analyses.decoding import Decoder
+
+    if traced:
+        @contextmanager
+        def not_routed(self, hook):
+            yield
+
+        monkeypatch.setattr(Decoder, "hooked", not_routed)
+    plan = {1: [0, int(ex.spans.video[1]), int(ex.spans.audio[2])], 2: [int(ex.spans.audio[9]), int(ex.spans.video[6])],
+            3: [0, int(ex.spans.video[9]), int(ex_short.spans.audio[1])]}
+    with planted(model, plan):
+        runs = {defer: analyses.sink_analysis(model, [ex, ex_short], dims=[CHANNEL], tau=TAU, batch_size=2,
+                                              defer=defer, progress=False) for defer in (True, False)}
+    for deferred, streamed in zip(runs[True], runs[False]):
+        assert torch.equal(deferred.sinks.mask, streamed.sinks.mask)
+        assert deferred.mds.positions.tolist() == streamed.mds.positions.tolist() and deferred.mds.positions.numel()
+        assert torch.allclose(deferred.mds.V, streamed.mds.V, atol=1e-6)
+        assert torch.allclose(deferred.mds.A, streamed.mds.A, atol=1e-6)
+        assert float(deferred.mds.V.abs().max()) > 0
+
+
+def test_defer_by_memory_and_its_estimate(model, ex, monkeypatch):
+    """``defer=None`` keeps q/k only when they fit the memory share; the estimate is what is kept."""
+    from analyses import mds as mds_mod
+    from analyses.attention import run_prefill
+
+    kept: list[int] = []
+    run_prefill(model, [ex], attention_layers=list(range(model.num_layers)),
+                on_attention=lambda l, q, k, lse, scale: kept.append(sum(t.numel() * t.element_size()
+                                                                         for t in (q, k, lse.float()))))
+    assert mds_mod._stored_bytes(model, [ex]) == sum(kept)
+    assert mds_mod._should_defer(model, [ex], None)
+    monkeypatch.setattr(mds_mod, "DEFER_MEMORY_SHARE", 0.0)
+    assert not mds_mod._should_defer(model, [ex], None) and mds_mod._should_defer(model, [ex], True)
+
+
 def test_single_modality_input_is_a_clear_error(model):
     audio_only = model.prepare(audio=nav.testing.synthetic_tone(1.0), text="What is making the sound?")
     video_only = model.prepare(video=nav.testing.synthetic_frames(2.0, 2, 56), text="What is shown?",
