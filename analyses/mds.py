@@ -366,14 +366,20 @@ def _free_bytes(device: torch.device) -> int | None:
         return None
 
 
-#: `sink_analysis(defer=None)` keeps every layer's q/k when that takes at most this share of free memory.
+#: `sink_analysis(defer=None)` keeps every layer's q/k when that takes at most this share of free memory,
 DEFER_MEMORY_SHARE = 0.25
+#: and, on a GPU, when the input is at least this long: below it the streamed columns cost <= 6% of a
+#: forward on an H200 and deferring gained nothing measurable (docs/benchmarks.md); on a CPU always.
+DEFER_MIN_TOKENS_CUDA = 16_000
 
 
 def _should_defer(model: "AVModel", chunk: Sequence["AVInputs"], defer: bool | None) -> bool:
     if defer is not None:
         return bool(defer)
-    free = _free_bytes(model._module.get_input_embeddings().weight.device)
+    device = model._module.get_input_embeddings().weight.device
+    if device.type == "cuda" and max(len(it) for it in chunk) < DEFER_MIN_TOKENS_CUDA:
+        return False
+    free = _free_bytes(device)
     return free is not None and _stored_bytes(model, chunk) <= DEFER_MEMORY_SHARE * free
 
 
@@ -418,8 +424,9 @@ def sink_analysis(
     ``defer=False`` instead reduces every video/audio column at every layer on the fly to
     two numbers per column (``O(T)`` memory; one extra causal pass over the logits per
     layer). ``None`` (default) defers when the stored tensors take at most a quarter of the
-    free device memory (`DEFER_MEMORY_SHARE`). Both give the same numbers (to float
-    rounding); see docs/sinks.md for the measured cost.
+    free memory (`DEFER_MEMORY_SHARE`), on a GPU only from 16k tokens on
+    (`DEFER_MIN_TOKENS_CUDA`). Both give the same numbers (to float rounding); see
+    docs/sinks.md for the measured cost.
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()

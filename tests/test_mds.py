@@ -185,6 +185,12 @@ def test_defer_by_memory_and_its_estimate(model, ex, monkeypatch):
     assert mds_mod._should_defer(model, [ex], None)
     monkeypatch.setattr(mds_mod, "DEFER_MEMORY_SHARE", 0.0)
     assert not mds_mod._should_defer(model, [ex], None) and mds_mod._should_defer(model, [ex], True)
+    # On a GPU short inputs stream (the rule returns before asking the device for its memory).
+    from types import SimpleNamespace
+
+    weight = SimpleNamespace(device=torch.device("cuda"))
+    on_gpu = SimpleNamespace(_module=SimpleNamespace(get_input_embeddings=lambda: SimpleNamespace(weight=weight)))
+    assert len(ex) < mds_mod.DEFER_MIN_TOKENS_CUDA and not mds_mod._should_defer(on_gpu, [ex], None)
 
 
 def test_single_modality_input_is_a_clear_error(model):
