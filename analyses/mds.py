@@ -446,55 +446,68 @@ def sink_analysis(
     out: list[SinkAnalysis] = []
     for chunk in progress_batches(items, batch_size, progress, "sink analysis"):
         gids = [_media_groups(it) for it in chunk]
-        grp_batch = batch_tensors(chunk, gids, -1)
-        deferred = _should_defer(model, chunk, defer)
-        if deferred:
-            stored: dict[int, tuple] = {}
-
-            def on_attention(layer: int, q: torch.Tensor, k_: torch.Tensor, lse: torch.Tensor, scale: float,
-                             stored=stored) -> None:
-                stored[layer] = (q, k_, lse, scale)
-        else:
-            cols = [torch.sort(torch.cat([it.spans.video, it.spans.audio]).long()).values for it in chunk]
-            col_batch = batch_tensors(chunk, cols, -1)
-            cache: dict[str, torch.Tensor] = {}
-
-            def on_attention(layer: int, q: torch.Tensor, k_: torch.Tensor, lse: torch.Tensor, scale: float,
-                             col_batch=col_batch, grp_batch=grp_batch, cache=cache) -> torch.Tensor:
-                if "cols" not in cache:
-                    cache["cols"] = col_batch.to(device=q.device, dtype=torch.int32)
-                    cache["grp"] = grp_batch.to(device=q.device, dtype=torch.int32)
-                return column_sums(q, k_, lse, cache["cols"], cache["grp"], 2, scale, True, backend,
-                                   validate=False).sum(1)
-
-        scores_found, sums_found = run_prefill(
+        kind = _DeferredColumns if _should_defer(model, chunk, defer) else _StreamedColumns
+        columns = kind(chunk, gids, backend)
+        scores_found, _ = run_prefill(
             model, chunk, residual_layers=layer_list, on_residual=lambda layer, h: sink_scores(h, dims),
-            attention_layers=layer_list, on_attention=on_attention, fuse=fuse)
+            attention_layers=layer_list, on_attention=columns.on_attention, fuse=fuse)
         all_scores = torch.stack([scores_found[l] for l in layer_list]).cpu()                 # [L, B, T]
         found = []
         for i, item in enumerate(chunk):
-            n = len(item)
-            sinks = SinkResult(all_scores[:, i, :n], layer_list, list(dims), tau, float(k_divide), modality_codes(item), k)
+            sinks = SinkResult(all_scores[:, i, :len(item)], layer_list, list(dims), tau, float(k_divide),
+                               modality_codes(item), k)
             found.append((sinks, *_sink_positions(sinks, item)))
-        if deferred:
-            sink_cols = batch_tensors(chunk, [pos for _, pos, _ in found], -1)
-            per_layer = []
-            for layer in layer_list:
-                q, k_, lse, scale = stored.pop(layer)      # freed as it goes
-                if sink_cols.shape[1] == 0:
-                    per_layer.append(torch.zeros(len(chunk), 2, 0))
-                    continue
-                per_layer.append(column_sums(q, k_, lse, sink_cols.to(device=q.device, dtype=torch.int32),
-                                             grp_batch.to(device=q.device, dtype=torch.int32), 2, scale, True,
-                                             backend, validate=False).sum(1).cpu())
-                del q, k_, lse
-            all_sums = torch.stack(per_layer)                                                 # [L, B, 2, S]
-        else:
-            all_sums = torch.stack([sums_found[l] for l in layer_list]).cpu()                 # [L, B, 2, S_media]
+        sums = columns.sums(layer_list, [pos for _, pos, _ in found])
         for i, (item, (sinks, pos, labels)) in enumerate(zip(chunk, found)):
-            if deferred:
-                sums = all_sums[:, i, :, :pos.numel()]
-            else:
-                sums = all_sums[:, i][:, :, torch.searchsorted(cols[i], pos)]                # [L, 2, S]
-            out.append(SinkAnalysis(sinks, _mds_from_sums(model, item, gids[i], pos, labels, layer_list, sums)))
+            out.append(SinkAnalysis(sinks, _mds_from_sums(model, item, gids[i], pos, labels, layer_list, sums[i])))
     return out[0] if single else out
+
+
+class _StreamedColumns:
+    """Every video/audio column reduced at every layer while the forward runs (``O(T)`` memory)."""
+
+    def __init__(self, chunk: Sequence["AVInputs"], gids: list[torch.Tensor], backend: str) -> None:
+        self.cols = [torch.sort(torch.cat([it.spans.video, it.spans.audio]).long()).values for it in chunk]
+        self.col_batch, self.grp_batch = batch_tensors(chunk, self.cols, -1), batch_tensors(chunk, gids, -1)
+        self.backend = backend
+        self.found: dict[int, torch.Tensor] = {}
+
+    def on_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
+        if self.col_batch.device != q.device:
+            self.col_batch = self.col_batch.to(device=q.device, dtype=torch.int32)
+            self.grp_batch = self.grp_batch.to(device=q.device, dtype=torch.int32)
+        self.found[layer] = column_sums(q, k, lse, self.col_batch, self.grp_batch, 2, scale, True, self.backend,
+                                        validate=False).sum(1)
+
+    def sums(self, layer_list: list[int], positions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per input, ``[L, 2, S]`` for its sinks ``positions`` (sorted media positions)."""
+        every = torch.stack([self.found.pop(l) for l in layer_list]).cpu()                  # [L, B, 2, S_media]
+        return [every[:, i][:, :, torch.searchsorted(self.cols[i], pos)] for i, pos in enumerate(positions)]
+
+
+class _DeferredColumns:
+    """Each layer's q, k and lse kept (the forward's own tensors); only the sinks' columns reduced at the end."""
+
+    def __init__(self, chunk: Sequence["AVInputs"], gids: list[torch.Tensor], backend: str) -> None:
+        self.chunk, self.grp_batch, self.backend = chunk, batch_tensors(chunk, gids, -1), backend
+        self.stored: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
+
+    def on_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
+        self.stored[layer] = (q, k, lse, scale)
+
+    def sums(self, layer_list: list[int], positions: list[torch.Tensor]) -> list[torch.Tensor]:
+        sink_cols = batch_tensors(self.chunk, positions, -1)
+        if sink_cols.shape[1] == 0:
+            self.stored.clear()
+            return [torch.zeros(len(layer_list), 2, 0) for _ in positions]
+        per_layer = []
+        for layer in layer_list:
+            q, k, lse, scale = self.stored.pop(layer)          # each layer's tensors freed once reduced
+            if sink_cols.device != q.device:
+                sink_cols = sink_cols.to(device=q.device, dtype=torch.int32)
+                self.grp_batch = self.grp_batch.to(device=q.device, dtype=torch.int32)
+            per_layer.append(column_sums(q, k, lse, sink_cols, self.grp_batch, 2, scale, True, self.backend,
+                                         validate=False).sum(1))
+            del q, k, lse
+        every = torch.stack(per_layer).cpu()                                                 # [L, B, 2, S]
+        return [every[:, i, :, :pos.numel()] for i, pos in enumerate(positions)]
