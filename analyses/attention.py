@@ -766,15 +766,15 @@ def column_attention_sums(
         grp_batch = torch.full((len(chunk), max(lengths)), -1, dtype=torch.long)
         for i, g in enumerate(g_list):
             grp_batch[i, :g.numel()] = g
-        cache: dict[str, torch.Tensor] = {}
+        cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def on_attention(layer: int, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
                          col_batch=col_batch, grp_batch=grp_batch, cache=cache) -> torch.Tensor:
-            if "cols" not in cache:
-                cache["cols"] = col_batch.to(device=q.device, dtype=torch.int32)
-                cache["grp"] = grp_batch.to(device=q.device, dtype=torch.int32)
-            sums = column_sums(q, k, lse, cache["cols"], cache["grp"], len(groups), scale, strict, backend,
-                               validate=False)
+            if q.device not in cache:        # one copy per device (device_map="auto" spreads the layers)
+                cache[q.device] = (col_batch.to(device=q.device, dtype=torch.int32),
+                                   grp_batch.to(device=q.device, dtype=torch.int32))
+            cols_dev, grp_dev = cache[q.device]
+            sums = column_sums(q, k, lse, cols_dev, grp_dev, len(groups), scale, strict, backend, validate=False)
             return sums.sum(1)
 
         _, found = run_prefill(model, chunk, attention_layers=layer_list, on_attention=on_attention, fuse=fuse)

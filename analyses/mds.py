@@ -451,7 +451,8 @@ def sink_analysis(
         scores_found, _ = run_prefill(
             model, chunk, residual_layers=layer_list, on_residual=lambda layer, h: sink_scores(h, dims),
             attention_layers=layer_list, on_attention=columns.on_attention, fuse=fuse)
-        all_scores = torch.stack([scores_found[l] for l in layer_list]).cpu()                 # [L, B, T]
+        # Per layer to the CPU first: with device_map='auto' the layers sit on different GPUs.
+        all_scores = torch.stack([scores_found[l].cpu() for l in layer_list])                # [L, B, T]
         found = []
         for i, item in enumerate(chunk):
             sinks = SinkResult(all_scores[:, i, :len(item)], layer_list, list(dims), tau, float(k_divide),
@@ -481,7 +482,7 @@ class _StreamedColumns:
 
     def sums(self, layer_list: list[int], positions: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per input, ``[L, 2, S]`` for its sinks ``positions`` (sorted media positions)."""
-        every = torch.stack([self.found.pop(l) for l in layer_list]).cpu()                  # [L, B, 2, S_media]
+        every = torch.stack([self.found.pop(l).cpu() for l in layer_list])                 # [L, B, 2, S_media]
         return [every[:, i][:, :, torch.searchsorted(self.cols[i], pos)] for i, pos in enumerate(positions)]
 
 
@@ -509,5 +510,5 @@ class _DeferredColumns:
             per_layer.append(column_sums(q, k, lse, sink_cols, self.grp_batch, 2, scale, True, self.backend,
                                          validate=False).sum(1))
             del q, k, lse
-        every = torch.stack(per_layer).cpu()                                                 # [L, B, 2, S]
+        every = torch.stack([t.cpu() for t in per_layer])                                    # [L, B, 2, S]
         return [every[:, i, :, :pos.numel()] for i, pos in enumerate(positions)]
