@@ -82,9 +82,9 @@ def first_token_phi(
     layer_list = _default_dim_layers(model.num_layers) if layers is None else [model.check_layer(l) for l in layers]
     out = []
     for chunk in progress_batches(items, 1, progress, "sink dims"):
-        found, _ = run_prefill(model, chunk, residual_layers=layer_list,
-                               on_residual=lambda layer, h: phi(h[:, 0]).cpu())
-        out.append(torch.stack([found[l][0] for l in layer_list]))
+        # Kept on the device during the forward (no sync per layer), moved once it is over.
+        found, _ = run_prefill(model, chunk, residual_layers=layer_list, on_residual=lambda layer, h: phi(h[:, 0]))
+        out.append(torch.stack([found[l][0].cpu() for l in layer_list]))
     return torch.stack(out)
 
 
@@ -394,7 +394,8 @@ def find_sinks(
     results: list[SinkResult] = []
     for chunk in progress_batches(items, batch_size, progress, "sinks"):
         found, _ = run_prefill(model, chunk, residual_layers=layer_list,
-                               on_residual=lambda layer, h: sink_scores(h, dims).cpu())
+                               on_residual=lambda layer, h: sink_scores(h, dims))
+        found = {l: found[l].cpu() for l in layer_list}          # after the forward: no sync per layer
         for i, item in enumerate(chunk):
             scores = torch.stack([found[l][i, :len(item)] for l in layer_list])
             results.append(SinkResult(scores, layer_list, list(dims), tau, float(k_divide), modality_codes(item), k))
