@@ -8,13 +8,14 @@ gives the per-group sums (probabilities in float16 and float32 accumulation for 
 inputs; exact float32 for float32 inputs). The causal mask is applied only on the
 tiles that cross the diagonal.
 
-The second product is only 16 wide, so unlike attention the exponentials cost as much
-as the first product. ``FMA_EXP`` computes every other exponential of a tile with a
+The second product is only 16 wide, so by throughput the exponentials cost as much as
+the first product. ``FMA_EXP`` computes every other exponential of a tile with a
 polynomial on the FMA units (relative error 1e-4, below the float16 rounding of the
-probabilities) so that the special-function unit does half the work; half inputs only.
-``REVERSE`` walks the rows from the end, so that the programs of a head that run at the
-same time read the same query tiles (L2 hits); with ``HEADS_FIRST`` the longest
-programs (the first column block of every head) start first.
+probabilities), half inputs only; on an H200 it is 10-40% slower (the kernel is bound by
+latency there), so it is off by default. ``REVERSE`` walks the rows from the end, so that
+the programs of a head that run at the same time read the same query tiles (L2 hits);
+with ``HEADS_FIRST`` the longest programs (the first column block of every head) start
+first. The options and tiles are chosen in `analyses.attention.TRITON_CONFIG`.
 """
 
 import triton

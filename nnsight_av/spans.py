@@ -192,14 +192,30 @@ def chunk_bounds(token_times: Sequence[float], tokens_per_chunk: int) -> list[tu
 
 
 def expect_token(ids: Sequence[int], position: int, token: int, what: str) -> None:
-    """Raise `SpanError` unless ``ids[position] == token`` (the layout a parser predicted)."""
+    """Raise `SpanError` unless ``ids[position] == token`` (the layout a parser predicted).
+
+    >>> expect_token([5, 7, 9], 1, 7, "video")
+    >>> expect_token([5, 7, 9], 3, 7, "video")
+    Traceback (most recent call last):
+    ...
+    nnsight_av.errors.SpanError: layout mismatch at position 3: expected video token 7, found end of sequence
+    """
     if position >= len(ids) or ids[position] != token:
         found = ids[position] if position < len(ids) else "end of sequence"
         raise SpanError(f"layout mismatch at position {position}: expected {what} token {token}, found {found}")
 
 
 def next_block(iterator: Iterator[Any], what: str) -> Any:
-    """The processor's record of the next ``what`` block; `SpanError` if the ids hold more blocks."""
+    """The processor's record of the next ``what`` block; `SpanError` if the ids hold more blocks.
+
+    >>> counts = iter([52])
+    >>> next_block(counts, "audio")
+    52
+    >>> next_block(counts, "audio")
+    Traceback (most recent call last):
+    ...
+    nnsight_av.errors.SpanError: the token ids contain more audio blocks than the processor produced
+    """
     try:
         return next(iterator)
     except StopIteration:
