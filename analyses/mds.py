@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 from nnsight_av.errors import InputError
 
 from .results import JsonResult, read_json
-from .attention import (_group_counts, as_list, batch_tensors, column_attention_sums, column_sums,
+from .attention import (_group_counts, _row_group_ids, as_list, batch_tensors, column_attention_sums, column_sums,
                         progress_batches, run_prefill)
 from .sinks import SinkResult, _check_k, modality_codes, resolve_sink_dims, sink_scores
 
@@ -383,14 +383,6 @@ def _should_defer(model: "AVModel", chunk: Sequence["AVInputs"], defer: bool | N
     return free is not None and _stored_bytes(model, chunk) <= DEFER_MEMORY_SHARE * free
 
 
-def _media_groups(item: "AVInputs") -> torch.Tensor:
-    """Row group of every position: 0 video, 1 audio, -1 the rest."""
-    g = torch.full((len(item),), -1, dtype=torch.long)
-    g[item.spans.video] = 0
-    g[item.spans.audio] = 1
-    return g
-
-
 def _mds_from_sums(model: "AVModel", item: "AVInputs", gids: torch.Tensor, pos: torch.Tensor, labels: list[str],
                    layer_list: list[int], sums: torch.Tensor) -> "MDSResult":
     """``sums [L, 2, S]`` (summed over heads and rows) -> V and A means -> `MDSResult`."""
@@ -420,7 +412,7 @@ def sink_analysis(
     post-rotary q, k and row log-sum-exp (no copies: the tensors the forward made) and,
     after the last layer, reduces the attention to the global sinks' columns only: the cost
     grows with the number of sinks, the memory is ``layers x (heads + kv_heads) x T x
-    head_dim`` elements (1.9 GB at 8k tokens, 7.4 GB at 28k for a 7B model in bf16).
+    head_dim`` elements (1.9 GB at 8k tokens, 6.5 GB at 28k for a 7B model in bf16).
     ``defer=False`` instead reduces every video/audio column at every layer on the fly to
     two numbers per column (``O(T)`` memory; one extra causal pass over the logits per
     layer). ``None`` (default) defers when the stored tensors take at most a quarter of the
@@ -445,7 +437,7 @@ def sink_analysis(
     layer_list = list(range(model.num_layers))
     out: list[SinkAnalysis] = []
     for chunk in progress_batches(items, batch_size, progress, "sink analysis"):
-        gids = [_media_groups(it) for it in chunk]
+        gids = [_row_group_ids(it, {"video": None, "audio": None}) for it in chunk]   # 0 video, 1 audio, -1 rest
         kind = _DeferredColumns if _should_defer(model, chunk, defer) else _StreamedColumns
         columns = kind(chunk, gids, backend)
         scores_found, _ = run_prefill(

@@ -10,7 +10,6 @@ used only for batched generation; see docs/gotchas.md).
 from __future__ import annotations
 
 import copy
-
 import json
 from typing import Any, Iterator
 
