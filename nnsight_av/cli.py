@@ -123,5 +123,28 @@ def trace_command(
     typer.echo(f"records: {out}  summary: {summary_path}")
 
 
+# What `nnsight-av fetch NAME` knows how to get.
+_FETCHABLE = ("smol-omni",)
+
+
+@app.command("fetch")
+def fetch_command(
+    name: str = typer.Argument(..., help=f"what to fetch: {', '.join(_FETCHABLE)}"),
+    force: bool = typer.Option(False, "--force", help="fetch again even if an intact copy is cached"),
+) -> None:
+    """Fetch a model's weights once into the cache (NNSIGHT_AV_CACHE overrides it) and print where they are."""
+    if name not in _FETCHABLE:
+        raise typer.BadParameter(f"unknown name {name!r}; known: {', '.join(_FETCHABLE)}", param_hint="NAME")
+    from .errors import WeightsUnavailableError
+    from .smol import fetch_smol
+
+    try:
+        path = fetch_smol(force=force)
+    except WeightsUnavailableError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(str(path))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()

@@ -41,3 +41,11 @@ class LayerIndexError(NNsightAVError, IndexError):
 
 class TokenSelectionError(NNsightAVError, ValueError):
     """A token selector is empty, out of range, or names an unknown span."""
+
+
+class WeightsUnavailableError(NNsightAVError, OSError):
+    """Pretrained weights the library needs are neither installed, cached, nor fetchable right now."""
+
+
+class WeightsChecksumError(WeightsUnavailableError):
+    """A downloaded or cached weights file does not have the sha256 the library pins (corrupt or tampered)."""

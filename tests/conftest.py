@@ -30,3 +30,29 @@ def av_example_long(tiny):
 
     return tiny.prepare(video=nav.testing.synthetic_frames(6.0, 2, 112, seed=1),
                         audio=nav.testing.synthetic_tone(5.0, freq=300.0), text="Describe it")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires_smol: needs SmolLM2-135M-Instruct's GGUF (fetched once per machine "
+                                       "into the cache; the test is skipped, with the reason, when it cannot be had)")
+
+
+@pytest.fixture(scope="session")
+def smol_gguf():
+    """Path of SmolLM2-135M-Instruct's GGUF, fetched at most once per machine (the cache is shared; xdist
+    workers take a file lock, so only one downloads). Skips when it cannot be had; a checksum mismatch fails."""
+    from nnsight_av.errors import WeightsChecksumError, WeightsUnavailableError
+    from nnsight_av.smol import gguf_path
+
+    try:
+        return gguf_path(fetch=True)
+    except WeightsChecksumError:
+        raise
+    except WeightsUnavailableError as error:
+        pytest.skip(f"smol-omni weights unavailable: {error}")
+
+
+@pytest.fixture(autouse=True)
+def _requires_smol(request):
+    if request.node.get_closest_marker("requires_smol") is not None:
+        request.getfixturevalue("smol_gguf")
