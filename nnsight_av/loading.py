@@ -44,7 +44,8 @@ def load(
 
     ``adapter`` is picked from the config's ``model_type`` unless named. ``hf_kwargs``
     (``dtype``, ``device_map``, ``attn_implementation``, ...) go to ``from_pretrained``.
-    ``"toy-omni"`` names the small trained model shipped with the package.
+    ``"toy-omni"`` names the small trained model shipped with the package; ``"smol-omni"`` the one
+    built on the pretrained SmolLM2-135M (its GGUF is fetched once, see docs/smol-omni.md).
     ``validate`` runs the cheap load-time adapter checks. ``processor_kwargs`` are passed to
     every processor call (e.g. ``{"videos_kwargs": {"size": ...}}``); ``default_system`` replaces
     the checkpoint's system prompt.
@@ -53,6 +54,10 @@ def load(
         from .toy import load_toy
 
         return load_toy(**hf_kwargs)
+    if id_or_path == "smol-omni":
+        from .smol.model import load_smol
+
+        return load_smol(validate=validate, **hf_kwargs)
     if adapter is None:
         adapter_cls = get_adapter(_model_type(id_or_path))
     elif isinstance(adapter, str):

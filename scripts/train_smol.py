@@ -8,9 +8,9 @@ massive activations and attention sinks of the pretrained model are kept as they
 trains: Qwen2.5-Omni's audio encoder and vision encoder at a small size (their own output
 projections map into SmolLM2's 576-d stream) and the embedding rows of the multimodal special
 tokens added to SmolLM2's vocabulary (its own rows stay fixed: their gradient is masked).
-``--lora-rank R`` additionally trains low-rank updates of the attention projections (merged
-into the weights at load) for the case where a frozen language model cannot learn the task;
-the shipped run does not use it.
+``--lora-rank R`` additionally trains low-rank updates of every language-model projection
+(merged into the weights at load), to see whether sink tokens appear among the media tokens
+once the language model may adapt (docs/smol-omni.md reports what each variant gave).
 
 Data, tasks, loss and evaluation are those of ``scripts/train_toy.py`` (the multiple-choice
 task on clean clips and on the two single-modality runs, and the caption task); the
@@ -75,6 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--vision-layers", type=int, default=4)
     parser.add_argument("--mc-end", action="store_true", help="also train <|im_end|> after the letter")
     parser.add_argument("--lora-rank", type=int, default=0, help="0: the language model stays frozen")
+    parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
@@ -108,12 +109,40 @@ def trainable_parameters(thinker, base_vocab: int):
     return encoders, [embed]
 
 
+@torch.no_grad()
+def sink_probe(thinker, batcher, feats, clips: int = 20) -> dict:
+    """Do media tokens carry the first token's massive activation? (Ratios to the median token.)
+
+    Channel: the first token's largest channel at the last layer input. Per layer and clip,
+    ``ratio_t = |h_t[channel]| / median over tokens``; reported: the first token's median ratio,
+    and per modality the share of tokens whose ratio passes 10 and 100 at any layer from a third
+    of the depth on, and the largest ratio seen.
+    """
+    items = [(i, "mc", None) for i in range(min(clips, len(feats.records)))]
+    data, _, ids = batcher.build(feats, items, with_targets=False)
+    out = thinker(**common.to_device(data, thinker.device), output_hidden_states=True)
+    hidden = torch.stack(out.hidden_states[:-1]).float()                        # [L, B, T, H]
+    layers = hidden.shape[0]
+    channel = int(hidden[-1, :, 0].abs().mean(0).argmax())
+    magnitude = hidden[..., channel].abs()[layers // 3:]                         # [L', B, T]
+    ratio = (magnitude / magnitude.median(-1, keepdim=True).values.clamp(min=1e-6)).amax(0)   # [B, T]
+    ids = ids.to(ratio.device)
+    video = ids == batcher.tokenizer.convert_tokens_to_ids("<|VIDEO|>")
+    audio = ids == batcher.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+    text = ~(video | audio)
+    text[:, 0] = False
+    report = {"channel": channel, "first_token_ratio": float(ratio[:, 0].median())}
+    for name, mask in (("video", video), ("audio", audio), ("text", text)):
+        r = ratio[mask]
+        report[name] = {"share_over_10": float((r > 10).float().mean()), "share_over_100": float((r > 100).float().mean()),
+                        "max_ratio": float(r.max())}
+    return report
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.lora_rank:
-        raise SystemExit("--lora-rank is not implemented in this version: the frozen language model sufficed")
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     started = time.time()
@@ -133,6 +162,7 @@ def main(argv=None) -> dict:
     wrapped = AVModel(thinker, adapter=Qwen25OmniAdapter, processor=processor, default_system=smol.DEFAULT_SYSTEM,
                       processor_kwargs=smol.PROCESSOR_KWARGS)
     encoders, embeddings = trainable_parameters(thinker, base_vocab)
+    lora = list(smol.add_lora(thinker, args.lora_rank).values()) if args.lora_rank else []
     print(f"thinker {sum(p.numel() for p in thinker.parameters()) / 1e6:.1f} M parameters, trained "
           f"{sum(p.numel() for p in encoders) / 1e6:.2f} M (encoders) + {len(processor.tokenizer) - base_vocab} rows",
           flush=True)
@@ -167,8 +197,9 @@ def main(argv=None) -> dict:
     optimizer = torch.optim.AdamW([
         {"params": encoders, "lr": args.lr, "weight_decay": args.weight_decay},
         {"params": embeddings, "lr": args.embed_lr, "weight_decay": 0.0},
+        {"params": lora, "lr": args.lora_lr, "weight_decay": 0.0},
     ], betas=(0.9, 0.98))
-    base_lrs = [args.lr, args.embed_lr]
+    base_lrs = [args.lr, args.embed_lr, args.lora_lr]
 
     def lr_scale(step: int) -> float:
         if step < args.warmup:
@@ -232,7 +263,7 @@ def main(argv=None) -> dict:
         loss = forward_loss(data, mask, ids)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoders + embeddings, 1.0)
+        torch.nn.utils.clip_grad_norm_(encoders + embeddings + lora, 1.0)
         optimizer.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         history["step"].append(step)
@@ -250,9 +281,14 @@ def main(argv=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.half() for k, v in smol.trained_state(thinker, base_vocab).items()}
     save_file(state, str(out_dir / smol.WEIGHTS_FILE))
-    (out_dir / smol.SIZES_FILE).write_text(json.dumps(sizes.to_dict(), indent=1))
+    scale = getattr(thinker, "_smol_lora_scale", 2.0)
+    (out_dir / smol.SIZES_FILE).write_text(json.dumps(dict(sizes.to_dict(), lora_rank=args.lora_rank,
+                                                           lora_scale=scale), indent=1))
+    if lora:  # evaluate the merged model exactly as load_smol builds it
+        thinker, _ = smol.build_smol_thinker(args.gguf, sizes)
+        thinker.to(args.device)
     smol.apply_trained_state(thinker, {k: v.float() for k, v in load_file(str(out_dir / smol.WEIGHTS_FILE)).items()},
-                             base_vocab)
+                             base_vocab, scale)
     thinker.eval()
     test_feats = feats["test"]
     answers, accuracy = {}, {}
@@ -267,6 +303,8 @@ def main(argv=None) -> dict:
             by_group[group] = {run: float((answers[run][keep] == test_feats.entity.cpu()[keep]).float().mean())
                                for run in answers}
         texts = common.greedy_captions(thinker, batcher, test_feats)
+        probe = sink_probe(thinker, batcher, test_feats)
+    print("sink probe:", json.dumps(probe), flush=True)
     captions = common.caption_scores(texts, test)
     result = dict(
         command="python scripts/train_smol.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -274,7 +312,7 @@ def main(argv=None) -> dict:
         trained_parameters=sum(p.numel() for p in encoders) + (len(processor.tokenizer) - base_vocab) * thinker.config.text_config.hidden_size,
         device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         train_seconds=train_seconds, total_seconds=time.time() - started, test_mc_accuracy=accuracy,
-        test_mc_accuracy_by_group=by_group, test_dominance=common.dominance(answers, test), test_captions=captions,
+        test_mc_accuracy_by_group=by_group, test_dominance=common.dominance(answers, test), test_captions=captions, sink_probe=probe,
         caption_examples=[dict(id=r.id, reference=r.caption, generated=t) for r, t in list(zip(test, texts))[:12]],
         history=history,
     )

@@ -168,18 +168,73 @@ def build_smol_thinker(gguf: str | Path, sizes: EncoderSizes = EncoderSizes(), d
     return thinker.to(dtype).eval(), smol_processor(tokenizer)
 
 
+#: Prefix of the low-rank updates in the weights file (``lora.<module>.A`` / ``.B``; see `add_lora`).
+LORA_PREFIX = "lora."
+#: The language-model projections that get low-rank updates.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(thinker, rank: int, alpha: float | None = None) -> dict[str, torch.nn.Parameter]:
+    """Trainable low-rank updates ``W + (alpha / rank) B A`` on every language-model projection.
+
+    Added as forward hooks (the frozen weight is untouched until `merge_lora`); ``B`` starts at
+    zero, so the model starts as SmolLM2. Returns the new parameters by name.
+    """
+    scale = (alpha if alpha is not None else 2.0 * rank) / rank
+    params: dict[str, torch.nn.Parameter] = {}
+    for name, module in thinker.model.named_modules():
+        if not (isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS):
+            continue
+        a = torch.nn.Parameter(torch.randn(rank, module.in_features, device=module.weight.device) / module.in_features ** 0.5)
+        b = torch.nn.Parameter(torch.zeros(module.out_features, rank, device=module.weight.device))
+        module.register_parameter("lora_A", a)
+        module.register_parameter("lora_B", b)
+
+        def hook(mod, args, output, scale=scale):
+            update = torch.nn.functional.linear(torch.nn.functional.linear(args[0], mod.lora_A.to(args[0].dtype)),
+                                                mod.lora_B.to(args[0].dtype))
+            return output + scale * update
+
+        module.register_forward_hook(hook)
+        params[f"{LORA_PREFIX}model.{name}.A"], params[f"{LORA_PREFIX}model.{name}.B"] = a, b
+    thinker._smol_lora_scale = scale
+    return params
+
+
+def merge_lora(thinker, state: dict[str, torch.Tensor], scale: float) -> int:
+    """Add ``scale * B @ A`` from ``state``'s ``lora.*`` tensors into the projections; returns how many."""
+    merged = 0
+    with torch.no_grad():
+        for key in [k for k in state if k.startswith(LORA_PREFIX) and k.endswith(".A")]:
+            path = key[len(LORA_PREFIX):-2]
+            module = thinker.get_submodule(path)
+            a, b = state[key].float(), state[key[:-2] + ".B"].float()
+            module.weight += (scale * b @ a).to(module.weight.dtype)
+            merged += 1
+    return merged
+
+
 def trained_state(thinker, base_vocab: int) -> dict[str, torch.Tensor]:
     """What smol-omni ships: both encoders and the embedding rows added to SmolLM2's vocabulary."""
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in thinker.state_dict().items()
              if name.startswith(("audio_tower.", "visual."))}
     state[NEW_ROWS] = thinker.model.embed_tokens.weight[base_vocab:].detach().cpu().contiguous()
+    for name, module in thinker.model.named_modules():
+        if hasattr(module, "lora_A"):
+            state[f"{LORA_PREFIX}model.{name}.A"] = module.lora_A.detach().cpu().contiguous()
+            state[f"{LORA_PREFIX}model.{name}.B"] = module.lora_B.detach().cpu().contiguous()
     return state
 
 
-def apply_trained_state(thinker, state: dict[str, torch.Tensor], base_vocab: int) -> None:
-    """Load `trained_state` into a thinker built by `build_smol_thinker` (lm_head stays tied)."""
+def apply_trained_state(thinker, state: dict[str, torch.Tensor], base_vocab: int, lora_scale: float = 2.0) -> int:
+    """Load `trained_state` into a thinker built by `build_smol_thinker` (lm_head stays tied).
+
+    Low-rank updates, if the weights hold any, are merged into the language model; returns how
+    many projections changed (0: the language model is SmolLM2 as it is).
+    """
     state = dict(state)
     rows = state.pop(NEW_ROWS)
+    lora = {k: state.pop(k) for k in [k for k in state if k.startswith(LORA_PREFIX)]}
     missing, unexpected = thinker.load_state_dict(state, strict=False)
     media_missing = [m for m in missing if m.startswith(("audio_tower.", "visual."))]
     if media_missing or unexpected:
@@ -189,6 +244,7 @@ def apply_trained_state(thinker, state: dict[str, torch.Tensor], base_vocab: int
         thinker.model.embed_tokens.weight[base_vocab:].copy_(rows.to(thinker.model.embed_tokens.weight.dtype))
         if thinker.lm_head.weight is not thinker.model.embed_tokens.weight:
             thinker.lm_head.weight[base_vocab:].copy_(rows.to(thinker.lm_head.weight.dtype))
+    return merge_lora(thinker, lora, lora_scale) if lora else 0
 
 
 def load_smol(
@@ -223,8 +279,10 @@ def load_smol(
 
         gguf = gguf_path()
     sizes = EncoderSizes()
+    lora_scale = 2.0
     if (folder / SIZES_FILE).is_file():
-        sizes = EncoderSizes.from_dict(json.loads((folder / SIZES_FILE).read_text()))
+        meta = json.loads((folder / SIZES_FILE).read_text())
+        sizes, lora_scale = EncoderSizes.from_dict(meta), float(meta.get("lora_scale", 2.0))
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     language_model = smol_language_model(gguf)
     base_vocab = language_model.config.vocab_size
@@ -232,7 +290,7 @@ def load_smol(
                                             language_model=language_model)
     del language_model
     if trained:
-        apply_trained_state(thinker, load_file(str(folder / WEIGHTS_FILE)), base_vocab)
+        apply_trained_state(thinker, load_file(str(folder / WEIGHTS_FILE)), base_vocab, lora_scale)
     thinker = thinker.to(dtype)
     if device_map is not None:
         thinker = thinker.to(device_map if isinstance(device_map, (str, torch.device)) else "cpu")
