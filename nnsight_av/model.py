@@ -245,6 +245,8 @@ class AVModel(Remotable):
             longest = batch["input_ids"].shape[1]
             offsets = [longest - item["input_ids"].shape[-1] if side == "left" else 0 for item in items]
             object.__setattr__(self, "_padding_offsets", offsets)
+        if generating and torch.is_tensor(batch.get("position_ids")) and "attention_mask" in batch:
+            batch["position_ids"] = self.adapter.generation_position_ids(batch["position_ids"], batch["attention_mask"])
         return (), {**batch, **extra}
 
     @property
