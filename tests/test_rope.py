@@ -226,3 +226,12 @@ def test_salmonn_style_keeps_its_plain_positions():
     ex = model.prepare(audio=tone(1.0), text="What is it?")
     assert ex.position_ids is None and ex.rope_deltas is None
     assert "position_ids" not in model.adapter.collate([ex.data, ex.data], "right", 0)
+
+
+def test_edited_input_ids_with_stale_positions_are_refused(model, prepared):
+    data = dict(prepared["audio_in_video"].data)
+    data["input_ids"] = torch.cat([data["input_ids"], data["input_ids"][:, -1:]], 1)
+    data["attention_mask"] = torch.cat([data["attention_mask"], data["attention_mask"][:, -1:]], 1)
+    with pytest.raises(nav.InputError, match="position_ids cover"):
+        with torch.no_grad(), model.trace(data):
+            model.logits.save()
