@@ -27,6 +27,9 @@ def layouts(size: int) -> dict[str, dict]:
         # 4 s per temporal patch: rope times jump past a chunk boundary (transformers' one-step chunk rule).
         "audio_in_video_fps05": dict(video=frames(16.0, 0.5, size), audio=tone(15.0), text="x", fps=0.5),
         "audio_outlasts_video": dict(video=frames(2.0, 2, size), audio=tone(5.0), text="x"),
+        # Qwen2.5: the last chunk piece (audio) ends below the video's largest time, so the text after
+        # the block starts below the global maximum (rope_deltas and generate's last + 1 then differ).
+        "video_outlasts_audio": dict(video=frames(4.0, 2, size), audio=tone(2.4), text="x"),
         "audio_only": dict(audio=tone(3.0), text="What is it?"),
         "image": dict(images=[IMAGE], text="Describe"),
         "images_and_audio": dict(images=[IMAGE, IMAGE[:40]], audio=tone(1.0), text="Describe"),
