@@ -238,3 +238,30 @@ def test_edited_input_ids_with_stale_positions_are_refused(model, prepared):
     with pytest.raises(nav.InputError, match="position_ids cover"):
         with torch.no_grad(), model.trace(data):
             model.logits.save()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model_type", list(MODELS))
+def test_gpu_rope_positions_and_forwards(model_type):
+    model = nav.testing.tiny_model(model_type, seed=0)
+    model._module.to("cuda")
+    size = MODELS[model_type]
+    ex = model.prepare(**layouts(size)["audio_in_video_long"]).to("cuda")
+    assert ex.position_ids.device.type == "cuda"
+    # Data already on the device: the index reads its layout back once and answers on the device.
+    positions, deltas = model.adapter.position_ids(uncached(ex.data))
+    ref_positions, ref_deltas = reference(model, uncached(ex.data))
+    assert positions.device.type == "cuda"
+    assert_identical(positions, ref_positions)
+    assert_identical(deltas, ref_deltas)
+    with RopeCalls(model._module) as counter:
+        with torch.no_grad(), model.trace(ex):
+            cached = model.logits.save()
+        with torch.no_grad(), model.generate(ex, max_new_tokens=3, do_sample=False) as tracer:
+            tokens = tracer.result.save()
+        assert counter.calls == 0
+    with torch.no_grad(), model.trace(uncached(ex.data)):
+        own = model.logits.save()
+    with torch.no_grad():
+        own_tokens = model._module.generate(**uncached(ex.data), max_new_tokens=3, do_sample=False)
+    assert torch.equal(cached, own) and torch.equal(tokens, own_tokens)

@@ -307,7 +307,7 @@ def rope_index(config: RopeConfig, data: Mapping[str, Any]) -> tuple[torch.Tenso
     >>> pos, deltas = rope_index(cfg, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
     ...                                "image_grid_thw": torch.tensor([[1, 2, 4]])})
     >>> pos[:, 0].tolist(), deltas.tolist()
-    ([[0, 1, 2, 3, 3, 4, 5], [0, 1, 2, 3, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6]], [[0]])
+    ([[0, 1, 2, 3, 3, 5, 6], [0, 1, 2, 3, 3, 5, 6], [0, 1, 2, 3, 4, 5, 6]], [[0]])
     """
     input_ids = data["input_ids"]
     device = input_ids.device
