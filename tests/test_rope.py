@@ -192,9 +192,9 @@ def test_batched_trace_with_cached_positions_gives_the_same_logits(model, prepar
 
 
 def test_generation_with_cached_positions_equals_the_models_own(model, prepared):
-    items = [prepared["audio_in_video"], prepared["audio_in_video_long"]]
+    items = [prepared["audio_in_video"], prepared["audio_in_video_long"], prepared["video_outlasts_audio"]]
     pad = model.tokenizer.pad_token_id
-    for batch in ([items[0]], items):
+    for batch in ([items[0]], [items[2]], items):
         data = model.adapter.collate([ex.data for ex in batch], "left", pad) if len(batch) > 1 else dict(batch[0].data)
         with torch.no_grad():
             own = model._module.generate(**uncached(data), max_new_tokens=5, do_sample=False)
@@ -207,10 +207,11 @@ def test_generation_with_cached_positions_equals_the_models_own(model, prepared)
         assert torch.equal(ours, own)
 
 
-def test_decoding_continues_from_the_largest_position(model, prepared):
+@pytest.mark.parametrize("layout", ["audio_in_video_long", "video_outlasts_audio"])
+def test_decoding_continues_from_the_largest_position(model, prepared, layout):
     from analyses.decoding import Decoder
 
-    ex = prepared["audio_in_video_long"]
+    ex = prepared[layout]
     largest = ex.position_ids.max()
     assert float(ex.rope_deltas) == float(largest + 1 - len(ex))
     mask = torch.ones(1, len(ex) + 2, dtype=torch.long)
