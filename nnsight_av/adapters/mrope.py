@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -40,7 +40,8 @@ class RopeConfig:
     """What a Qwen-Omni rope index reads from the model config.
 
     ``flavour`` is ``"qwen2_5"`` (integer positions, chunked audio-in-video) or
-    ``"qwen3"`` (float positions, timestamp-merged audio-in-video).
+    ``"qwen3"`` (float positions, timestamp-merged audio-in-video); ``audio_tokens`` maps
+    one stream's mel-frame count to its audio token count (the adapter's own formula).
     """
 
     flavour: str
@@ -51,8 +52,8 @@ class RopeConfig:
     audio_bos: int
     merge: int
     position_id_per_seconds: float
+    audio_tokens: Callable[[int], int]
     seconds_per_chunk: float = 2
-    n_window: int = 50
 
     @property
     def dtype(self) -> torch.dtype:
@@ -62,14 +63,6 @@ class RopeConfig:
     def pad_value(self) -> int:
         """Fill of padded slots in the multimodal branch (ones in Qwen2.5, zeros in Qwen3)."""
         return 0 if self.flavour == "qwen3" else 1
-
-    def audio_tokens(self, mel_frames: torch.Tensor) -> torch.Tensor:
-        """Audio tokens of one stream from its mel-frame count (the model's own formula)."""
-        if self.flavour == "qwen3":
-            window = self.n_window * 2
-            rest = (mel_frames % window - 1) // 2 + 1
-            return ((rest - 1) // 2 + 1 - 1) // 2 + 1 + (mel_frames // window) * 13
-        return ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
 def _line(length: Any, start: Any) -> torch.Tensor:
@@ -235,7 +228,7 @@ def _qwen3_row(config: RopeConfig, ids: torch.Tensor, media: dict[str, Any], cou
         row.add(_line(edge, start))
         start = start + edge
         if min_ed == ed_audio:
-            audio_len = config.audio_tokens(media["audio"][counters["audio"]])
+            audio_len = int(config.audio_tokens(media["audio"][counters["audio"]]))
             row.add(_line(audio_len, start))
             used = int(audio_len)
             counters["audio"] += 1
@@ -256,7 +249,7 @@ def _qwen3_row(config: RopeConfig, ids: torch.Tensor, media: dict[str, Any], cou
             remain["video"] -= 1
         elif interleaved:
             k = counters["video"]
-            audio_len = config.audio_tokens(media["audio"][counters["audio"]])
+            audio_len = int(config.audio_tokens(media["audio"][counters["audio"]]))
             audio = _line(audio_len, start)
             grid = media["video_grid"][k]
             t_index = (torch.arange(grid[0]) * media["seconds"][k].float() * pps).float()
@@ -302,7 +295,7 @@ def rope_index(config: RopeConfig, data: Mapping[str, Any]) -> tuple[torch.Tenso
     ``input_ids``.
 
     >>> cfg = RopeConfig("qwen2_5", image=5, video=6, audio=7, vision_bos=8, audio_bos=9, merge=2,
-    ...                  position_id_per_seconds=25)
+    ...                  position_id_per_seconds=25, audio_tokens=lambda frames: frames // 4)
     >>> ids = torch.tensor([[1, 2, 8, 5, 5, 10, 3]])          # text, <vision> 2 image tokens </vision>, text
     >>> pos, deltas = rope_index(cfg, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
     ...                                "image_grid_thw": torch.tensor([[1, 2, 4]])})
@@ -328,7 +321,8 @@ def rope_index(config: RopeConfig, data: Mapping[str, Any]) -> tuple[torch.Tenso
         "image_grid": _host(image_grid).tolist() if image_grid is not None else [],
         "video_grid": _host(video_grid).tolist() if video_grid is not None else [],
         "seconds": _host(data.get("video_second_per_grid")),
-        "audio": _host(feature_mask).sum(1) if feature_mask is not None else _host(data.get("audio_feature_lengths")),
+        "audio": (_host(feature_mask).sum(1) if feature_mask is not None
+                  else _host(data.get("audio_feature_lengths"))),  # mel frames per audio stream
     }
     use_audio_in_video = bool(data.get("use_audio_in_video") or False)
     row_fn = _qwen3_row if config.flavour == "qwen3" else _qwen2_5_row

@@ -120,7 +120,7 @@ class Qwen25OmniAdapter(Adapter):
                           audio=self.token_id("audio"), vision_bos=self.token_id("vision_bos"),
                           audio_bos=self.token_id("audio_bos"), merge=self.merge_size(),
                           position_id_per_seconds=config.position_id_per_seconds,
-                          seconds_per_chunk=config.seconds_per_chunk)
+                          audio_tokens=whisper_token_count, seconds_per_chunk=config.seconds_per_chunk)
 
     def position_ids(self, data: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The thinker's M-RoPE ``(position_ids, rope_deltas)`` for ``data``, vectorised (`mrope.rope_index`)."""

@@ -20,6 +20,7 @@ Differences from Qwen2.5-Omni that matter here:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Mapping
 
 import torch
@@ -160,7 +161,7 @@ class Qwen3OmniAdapter(Qwen25OmniAdapter):
                           audio=self.token_id("audio"), vision_bos=self.token_id("vision_bos"),
                           audio_bos=self.token_id("audio_bos"), merge=self.merge_size(),
                           position_id_per_seconds=config.position_id_per_seconds,
-                          n_window=int(config.audio_config.n_window))
+                          audio_tokens=partial(qwen3_audio_token_count, n_window=int(config.audio_config.n_window)))
 
     # -- media layout ----------------------------------------------------------------
     def audio_token_counts(self, data: Mapping[str, Any]) -> list[int]:
