@@ -33,6 +33,7 @@ from jaxtyping import Float
 
 from nnsight_av.adapters.base import get_module
 from nnsight_av.errors import AdapterError, InputError, LayerIndexError, SpanError
+from nnsight_av.inputs import move_data
 
 from .results import JsonResult, read_json
 
@@ -235,12 +236,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _data_on(data: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    out = {}
-    for key, value in data.items():
-        if torch.is_tensor(value):
-            value = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
-        out[key] = value
-    return out
+    return move_data(data, device, dtype)
 
 
 @dataclass

@@ -16,7 +16,29 @@ from .spans import Spans
 if TYPE_CHECKING:
     from .model import AVModel
 
-__all__ = ["AVInputs", "MediaRequest", "prepare"]
+__all__ = ["AVInputs", "MediaRequest", "prepare", "move_data"]
+
+#: Keys of ``AVInputs.data`` that are never cast to the model's dtype: rope positions are exact
+#: (Qwen3-Omni's are float32 and may be fractional; bf16 would round 1601 to 1600).
+EXACT_KEYS = frozenset({"position_ids"})
+
+
+def move_data(data: dict[str, Any], device: str | torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """``data`` with its tensors on ``device`` and float features cast to ``dtype`` (positions keep theirs).
+
+    >>> moved = move_data({"input_features": torch.zeros(1, 2), "position_ids": torch.zeros(3, 1, 2)}, "cpu",
+    ...                   torch.bfloat16)
+    >>> moved["input_features"].dtype, moved["position_ids"].dtype
+    (torch.bfloat16, torch.float32)
+    """
+    def move(key: str, value: Any) -> Any:
+        if not torch.is_tensor(value):
+            return value
+        if dtype is not None and value.is_floating_point() and key not in EXACT_KEYS:
+            return value.to(device=device, dtype=dtype)
+        return value.to(device)
+
+    return {key: move(key, value) for key, value in data.items()}
 
 
 @dataclass
@@ -40,9 +62,11 @@ class MediaRequest:
 class AVInputs:
     """Model inputs for one prompt.
 
-    ``data`` holds the processor's tensors (batch of one), ``spans`` the named
-    token positions, ``request`` the decoded media it came from, ``prompt_text``
-    the rendered chat prompt. Pass it to ``model.trace(ex)`` or ``tracer.invoke(ex)``.
+    ``data`` holds the processor's tensors (batch of one) and, for models with
+    multimodal rope, the ``position_ids`` computed once at preparation (every forward
+    passes them, so the model never recomputes them); ``spans`` the named token
+    positions, ``request`` the decoded media it came from, ``prompt_text`` the
+    rendered chat prompt. Pass it to ``model.trace(ex)`` or ``tracer.invoke(ex)``.
     """
 
     data: dict[str, Any]
@@ -59,6 +83,17 @@ class AVInputs:
     def use_audio_in_video(self) -> bool:
         return bool(self.data.get("use_audio_in_video", False))
 
+    @property
+    def position_ids(self) -> torch.Tensor | None:
+        """The cached rope positions ``[3, 1, T]`` (None when the model's own are plain ``0..T-1``)."""
+        return self.data.get("position_ids")
+
+    @property
+    def rope_deltas(self) -> torch.Tensor | None:
+        """``[1, 1]``: the largest position + 1 - T; generated token ``k`` (from 0) sits at ``T + k + rope_deltas``."""
+        pos = self.position_ids
+        return None if pos is None else (pos.max() + 1 - pos.shape[-1]).reshape(1, 1)
+
     def __len__(self) -> int:
         return int(self.data["input_ids"].shape[-1])
 
@@ -66,15 +101,9 @@ class AVInputs:
         """A copy with the tensors on ``device`` (float features cast to ``dtype`` if given).
 
         Moving once up front saves the host-to-device copy of pixel/mel features on every trace.
+        The cached ``position_ids`` move too and keep their dtype.
         """
-        def move(value: Any) -> Any:
-            if not torch.is_tensor(value):
-                return value
-            if dtype is not None and value.is_floating_point():
-                return value.to(device=device, dtype=dtype)
-            return value.to(device)
-
-        return replace(self, data={k: move(v) for k, v in self.data.items()})
+        return replace(self, data=move_data(self.data, device, dtype))
 
     def layout(self) -> str:
         """One character per token: V video, A audio, I image, . text."""
@@ -176,4 +205,8 @@ def prepare_request(model: "AVModel", request: MediaRequest) -> AVInputs:
     if "video_second_per_grid" in data:
         data["video_second_per_grid"] = torch.as_tensor(data["video_second_per_grid"], dtype=torch.float32)
     spans = adapter.spans(data["input_ids"][0].tolist(), data)
+    # Rope positions never change for a prepared input: computed here once, passed to every forward.
+    rope = adapter.position_ids(data)
+    if rope is not None:
+        data["position_ids"] = rope[0]
     return AVInputs(data=data, spans=spans, request=request, prompt_text=prompt_text, adapter=adapter.name)

@@ -245,6 +245,13 @@ class AVModel(Remotable):
             longest = batch["input_ids"].shape[1]
             offsets = [longest - item["input_ids"].shape[-1] if side == "left" else 0 for item in items]
             object.__setattr__(self, "_padding_offsets", offsets)
+        positions = batch.get("position_ids")
+        if torch.is_tensor(positions) and positions.shape[-1] != batch["input_ids"].shape[-1]:
+            raise InputError(f"the cached position_ids cover {positions.shape[-1]} tokens but input_ids has "
+                             f"{batch['input_ids'].shape[-1]}: drop data['position_ids'] after editing input_ids "
+                             "(or prepare the new prompt)")
+        if generating and torch.is_tensor(positions) and "attention_mask" in batch:
+            batch["position_ids"] = self.adapter.generation_position_ids(batch["position_ids"], batch["attention_mask"])
         return (), {**batch, **extra}
 
     @property

@@ -136,6 +136,7 @@ class EagerReference:
     def logprobs(self, ex, new_ids):
         """Log-probabilities at the prompt's last position and after each of ``new_ids``."""
         data = dict(ex.data)
+        data.pop("position_ids", None)      # cached for the prompt only: the model computes the extended ones
         extra = torch.tensor([new_ids], dtype=torch.long)
         data["input_ids"] = torch.cat([data["input_ids"], extra], 1)
         data["attention_mask"] = torch.cat([data["attention_mask"], torch.ones_like(extra)], 1)

@@ -16,6 +16,7 @@ N_NEW = 4
 
 def extended(data, ids):
     data = dict(data)
+    data.pop("position_ids", None)          # the cached ids cover the prompt only: the model computes the longer ones
     extra = torch.tensor([ids] * data["input_ids"].shape[0], dtype=torch.long)
     data["input_ids"] = torch.cat([data["input_ids"], extra], 1)
     data["attention_mask"] = torch.cat([data["attention_mask"], torch.ones_like(extra)], 1)

@@ -213,6 +213,40 @@ class Adapter:
     def spans(self, input_ids: Sequence[int], data: Mapping[str, Any]) -> Spans:
         return parse_spans(input_ids, self.layout_tokens(), self.media_layout(data))
 
+    # -- rope positions ----------------------------------------------------------
+    def position_ids(self, data: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(position_ids [3, B, T], rope_deltas [B, 1])`` the model computes for processor outputs ``data``.
+
+        `prepare` stores them in the input's ``data`` so no forward recomputes them. This
+        default calls the model's own ``get_rope_index`` (with the arguments of its
+        signature that ``data`` provides) when it has one, and returns None otherwise: the
+        model's positions are then plain ``0..T-1``, cheap enough to leave to it. Adapters
+        override it with a faster computation of the same tensors.
+        """
+        rope = getattr(self.module, "get_rope_index", None)
+        if rope is None:
+            return None
+        import inspect
+
+        feature_mask = data.get("feature_attention_mask")
+        offered = {
+            "input_ids": data.get("input_ids"), "attention_mask": data.get("attention_mask"),
+            "image_grid_thw": data.get("image_grid_thw"), "video_grid_thw": data.get("video_grid_thw"),
+            "use_audio_in_video": bool(data.get("use_audio_in_video") or False),
+            "audio_seqlens": feature_mask.sum(-1) if feature_mask is not None else None,
+            "second_per_grids": data.get("video_second_per_grid"),
+        }
+        accepted = inspect.signature(rope).parameters
+        return rope(**{k: v for k, v in offered.items() if k in accepted})
+
+    def collate_position_ids(self, items: Sequence[Mapping[str, Any]], padding_side: str) -> torch.Tensor | None:
+        """The batch's ``position_ids`` from the items' cached ones (None: let the model compute them)."""
+        return None
+
+    def generation_position_ids(self, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The form of cached ``position_ids`` that the model's ``generate`` expects (here: unchanged)."""
+        return position_ids
+
     # -- loading ---------------------------------------------------------------
     @classmethod
     def load_module(cls, path: str, **hf_kwargs: Any) -> torch.nn.Module:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from ..spans import MediaLayout
 from .base import Adapter, register_adapter
+from .mrope import RopeConfig, collate_positions, generation_positions, rope_index
 
 #: The ChatML layout the Qwen-Omni processors render, written for our tiny processors;
 #: real checkpoints use the template their processor ships with.
@@ -111,6 +112,31 @@ class Qwen25OmniAdapter(Adapter):
     def audio_token_counts(self, data: Mapping[str, Any]) -> list[int]:
         return self.media_layout(data).audio_token_counts
 
+    # -- rope positions -------------------------------------------------------------
+    def rope_config(self) -> RopeConfig:
+        """The config values the thinker's ``get_rope_index`` reads."""
+        config = self.config
+        return RopeConfig("qwen2_5", image=self.token_id("image"), video=self.token_id("video"),
+                          audio=self.token_id("audio"), vision_bos=self.token_id("vision_bos"),
+                          audio_bos=self.token_id("audio_bos"), merge=self.merge_size(),
+                          position_id_per_seconds=config.position_id_per_seconds,
+                          audio_tokens=whisper_token_count, seconds_per_chunk=config.seconds_per_chunk)
+
+    def position_ids(self, data: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The thinker's M-RoPE ``(position_ids, rope_deltas)`` for ``data``, vectorised (`mrope.rope_index`)."""
+        return rope_index(self.rope_config(), data)
+
+    def collate_position_ids(self, items: Sequence[Mapping[str, Any]], padding_side: str) -> torch.Tensor | None:
+        cached = [item.get("position_ids") for item in items]
+        if any(pos is None for pos in cached):
+            return None
+        multimodal = any(item.get(k) is not None for item in items for k in ("image_grid_thw", "video_grid_thw"))
+        return collate_positions(self.rope_config(), cached, padding_side, multimodal)[0]
+
+    def generation_position_ids(self, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # The thinker's generate keeps a text-position row above the three rope rows and extends all four.
+        return generation_positions(position_ids, attention_mask) if position_ids.shape[0] == 3 else position_ids
+
     # -- loading -----------------------------------------------------------------
     @classmethod
     def load_module(cls, path: str, **hf_kwargs: Any) -> torch.nn.Module:
@@ -156,4 +182,7 @@ class Qwen25OmniAdapter(Adapter):
             if parts:
                 out[key] = torch.cat(parts, 0)
         out["use_audio_in_video"] = flags.pop()
+        positions = self.collate_position_ids(items, padding_side)
+        if positions is not None:
+            out["position_ids"] = positions
         return out

@@ -20,12 +20,14 @@ Differences from Qwen2.5-Omni that matter here:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Mapping
 
 import torch
 
 from ..spans import MediaLayout
 from .base import register_adapter
+from .mrope import RopeConfig
 from .qwen2_5_omni import Qwen25OmniAdapter
 
 #: ChatML with Qwen3-Omni's media markers, for locally built processors; real checkpoints
@@ -151,6 +153,15 @@ class Qwen3OmniAdapter(Qwen25OmniAdapter):
                             f"processor lays audio-in-video out with ({processor_pps:g}): the rope order would "
                             "not match the token order")
         return problems
+
+    def rope_config(self) -> RopeConfig:
+        """The config values the thinker's ``get_rope_index`` reads (float positions, timestamp merge)."""
+        config = self.config
+        return RopeConfig("qwen3", image=self.token_id("image"), video=self.token_id("video"),
+                          audio=self.token_id("audio"), vision_bos=self.token_id("vision_bos"),
+                          audio_bos=self.token_id("audio_bos"), merge=self.merge_size(),
+                          position_id_per_seconds=config.position_id_per_seconds,
+                          audio_tokens=partial(qwen3_audio_token_count, n_window=int(config.audio_config.n_window)))
 
     # -- media layout ----------------------------------------------------------------
     def audio_token_counts(self, data: Mapping[str, Any]) -> list[int]:

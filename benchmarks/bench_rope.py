@@ -1,0 +1,101 @@
+"""Cached M-RoPE position ids: one ~1.6k-token forward with and without them, round-robin in one process.
+
+    python benchmarks/bench_rope.py                          # H200: full-size Qwen2.5-Omni-7B thinker, bf16
+    python benchmarks/bench_rope.py --small --device cpu     # smoke test
+
+``uncached`` passes the processor tensors alone, so the thinker runs transformers'
+``get_rope_index`` (a Python walk over the tokens with host syncs) inside the forward;
+``cached`` passes the ``position_ids`` that ``model.prepare`` computed once. Both run as a
+plain module forward and as an nnsight trace. Per variant: ``ms`` / ``min_ms`` (wall, the
+device synchronised after the call) and ``host_ms`` (median time until the call returns,
+before that synchronisation: the host's share, which on a GPU overlaps the kernels). The
+index alone is timed too: transformers' ``get_rope_index`` on the device tensors vs the
+adapter's vectorised one on the prepared (host) tensors, moved to the device.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import av_input, full_size_model, interleaved, parser, report  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def host_times(calls: dict, device: str, repeat: int) -> dict[str, float]:
+    """Median ms until each call returns (device idle at the start; synchronised after, untimed), round-robin."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeat):
+        for name, fn in calls.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1000)
+            _sync(device)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.set_defaults(tokens=[1600], repeat=20)
+    args = p.parse_args()
+    if args.small:
+        args.tokens = [t if t != 1600 else 400 for t in args.tokens]
+        args.repeat = min(args.repeat, 5)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model = full_size_model(args.device, dtype, small=args.small)
+    module = model._module
+    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "runs": []}
+    for tokens in args.tokens:
+        prepared = av_input(model, tokens)
+        ex = prepared.to(args.device)
+        cached = dict(ex.data)
+        plain = {k: v for k, v in cached.items() if k != "position_ids"}
+        mask = plain["feature_attention_mask"]
+
+        def forward(data):
+            def run() -> None:
+                with torch.inference_mode():
+                    module(**data, use_cache=False)
+            return run
+
+        def traced(inputs):
+            def run() -> None:
+                with torch.inference_mode(), model.trace(inputs, use_cache=False):
+                    model.logits.save()
+            return run
+
+        def hf_index() -> None:
+            module.get_rope_index(plain["input_ids"], None, plain["video_grid_thw"], plain["attention_mask"], True,
+                                  mask.sum(-1), plain["video_second_per_grid"])
+
+        def our_index() -> None:
+            positions, _ = model.adapter.position_ids(prepared.data)
+            positions.to(args.device, non_blocking=True)
+
+        calls = {"forward_uncached": forward(plain), "forward_cached": forward(cached),
+                 "trace_uncached": traced(plain), "trace_cached": traced(ex)}
+        wall = interleaved(calls, repeat=args.repeat)
+        host = host_times(calls, args.device, args.repeat)
+        index = interleaved({"hf_get_rope_index": hf_index, "vectorised_index": our_index}, repeat=args.repeat)
+        run = {"tokens": len(ex), "wall": wall, "host_ms": host, "rope_index": index}
+        for kind in ("forward", "trace"):
+            run[f"{kind}_cached_over_uncached"] = wall[f"{kind}_cached"]["ms"] / wall[f"{kind}_uncached"]["ms"]
+            run[f"{kind}_saved_ms"] = wall[f"{kind}_uncached"]["ms"] - wall[f"{kind}_cached"]["ms"]
+        run["index_speedup"] = index["hf_get_rope_index"]["ms"] / index["vectorised_index"]["ms"]
+        results["runs"].append(run)
+    report(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
