@@ -209,7 +209,7 @@ def merge_lora(thinker, state: dict[str, torch.Tensor], scale: float) -> int:
             path = key[len(LORA_PREFIX):-2]
             module = thinker.get_submodule(path)
             a, b = state[key].float(), state[key[:-2] + ".B"].float()
-            module.weight += (scale * b @ a).to(module.weight.dtype)
+            module.weight += (scale * b @ a).to(module.weight)
             merged += 1
     return merged
 
