@@ -236,3 +236,18 @@ def test_a_huge_layer_range_is_refused_before_it_is_expanded(tiny, av_example):
     with pytest.raises(nav.LayerIndexError, match="reach layer -9"):
         ivs.run(tiny, av_example, ivs.Zero(layers=range(-9, 0)))
     assert ivs.Site(layers=range(-2, 4)).layer_indices(tiny) == [0, 1, 2, 3]  # negative ends still count back
+
+
+def test_generate_checks_its_step_settings_before_running(tiny, av_example):
+    tracemalloc.start()
+    try:
+        with pytest.raises(nav.InputError, match="max_new_tokens must be >= 1"):
+            ivs.generate(tiny, av_example, ivs.Zero(layers=0), max_new_tokens=0)
+        with pytest.raises(nav.InputError, match="max_new_tokens must be an integer"):
+            ivs.generate(tiny, av_example, ivs.Zero(layers=0), max_new_tokens=1e8)
+        with pytest.raises(nav.InputError, match="a generation step must be an integer"):
+            ivs.generate(tiny, av_example, ivs.Zero(layers=0), steps=[0.5])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2 ** 20
