@@ -616,10 +616,13 @@ class ASDOutput(DecodeOutput):
 
     def plot(self, tokenizer: Any = None, figsize: tuple[float, float] = (9.0, 5.0)) -> "Figure":
         """Strength s_t (and its target), adaptive weight w_t and text mass m_t per step; fallback steps shaded."""
-        import matplotlib.pyplot as plt
+        from .plots import figure, no_data
 
+        fig = figure(*figsize)
+        if not self.token_ids:
+            return no_data(fig, "no data: no token was generated", f"ASD: {self.text[:70]!r}")
         steps = np.arange(1, len(self.token_ids) + 1)
-        fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=figsize)
+        top, bottom = fig.subplots(2, 1, sharex=True)
         top.plot(steps, self.s, marker="o", label="s_t (applied)")
         top.plot(steps, self.steps.get("target", []), ls="--", label="target")
         top.set_ylabel("strength")
@@ -638,7 +641,6 @@ class ASDOutput(DecodeOutput):
             # repr keeps control characters of odd tokens printable
             bottom.set_xticklabels([repr(tokenizer.decode([t]))[1:-1] for t in self.token_ids], rotation=90)
         top.set_title(f"ASD: {self.text[:70]!r}")
-        fig.tight_layout()
         return fig
 
 

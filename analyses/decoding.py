@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
     from nnsight_av import AVInputs, AVModel
 
-__all__ = ["DecodeOutput", "greedy_generate", "vcd_generate", "fmd_generate", "noised_features", "blank_modality",
+__all__ = ["DecodeOutput", "greedy_generate", "vcd_generate", "fmd_generate", "noised_features", "diffusion_keep",
+           "NOISE_SCHEDULES", "blank_modality",
            "boosted_attention", "ATTENTION_IMPLEMENTATION"]
 
 #: Name under which the hooked attention function is registered with transformers.
@@ -459,29 +460,50 @@ def greedy_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 
 MEDIA_FEATURES = {"video": ("pixel_values_videos", "pixel_values"), "audio": ("input_features",)}
 
 
-def _diffusion_keep(noise_step: int, steps: int = 1000) -> float:
-    """``alpha_bar`` of step ``noise_step`` of DDPM's linear schedule (beta from 1e-4 to 0.02 in ``steps``)."""
-    betas = np.linspace(1e-4, 0.02, steps)
-    return float(np.prod(1.0 - betas[: noise_step + 1]))
+#: Forward-diffusion schedules for VCD's contrast input (see `diffusion_keep`).
+NOISE_SCHEDULES = ("sigmoid", "linear")
+
+
+def diffusion_keep(noise_step: int, schedule: str = "sigmoid", steps: int = 1000) -> float:
+    """``alpha_bar`` at step ``noise_step`` (0-based) of a ``steps``-step forward diffusion.
+
+    ``schedule="sigmoid"`` (VCD's released code): ``beta = sigmoid(linspace(-6, 6, steps)) *
+    (5e-3 - 1e-5) + 1e-5``. ``schedule="linear"`` (DDPM, Ho et al. 2020): ``beta`` from 1e-4
+    to 0.02. ``alpha_bar = prod(1 - beta[:noise_step + 1])``; the noised input keeps
+    ``sqrt(alpha_bar)`` of the signal: at step 500 about 86% (sigmoid) or 28% (linear).
+
+    >>> round(diffusion_keep(500) ** 0.5, 3), round(diffusion_keep(500, "linear") ** 0.5, 3)
+    (0.863, 0.279)
+    """
+    if schedule not in NOISE_SCHEDULES:
+        raise InputError(f"unknown noise schedule {schedule!r}; use one of {', '.join(NOISE_SCHEDULES)}")
+    if isinstance(noise_step, bool) or not isinstance(noise_step, (int, np.integer)) or not 0 <= noise_step < steps:
+        raise InputError(f"noise_step must be an integer in [0, {steps}), got {noise_step!r}")
+    if schedule == "sigmoid":
+        betas = 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, steps))) * (5e-3 - 1e-5) + 1e-5
+    else:
+        betas = np.linspace(1e-4, 0.02, steps)
+    return float(np.prod(1.0 - betas[: int(noise_step) + 1]))
 
 
 def noised_features(inputs: "AVInputs | dict[str, Any]", noise_step: int = 500, seed: int = 0,
-                    modalities: Sequence[str] = ("video", "audio")) -> dict[str, Any]:
-    """VCD's distorted input: the media features diffused for ``noise_step`` of 1000 DDPM steps.
+                    modalities: Sequence[str] = ("video", "audio"), schedule: str = "sigmoid") -> dict[str, Any]:
+    """VCD's distorted input: the media features diffused for ``noise_step`` of 1000 steps.
 
     ``x' = sqrt(abar) x + sqrt(1 - abar) eps`` on the processor's video pixels and audio
-    mel features (the token layout is unchanged; text is untouched), as VCD does to images.
-    Seeded, so the same call gives the same contrast input.
+    mel features (the token layout is unchanged; text is untouched), the forward step VCD
+    applies to images. ``schedule``: ``"sigmoid"`` (default, the betas of VCD's released
+    code: about 86% of the signal kept at step 500) or ``"linear"`` (DDPM's linear betas:
+    about 28% kept at step 500, a much noisier contrast); see `diffusion_keep`. Seeded, so
+    the same call gives the same contrast input.
 
     >>> data = {"input_ids": torch.ones(1, 3, dtype=torch.long), "input_features": torch.zeros(1, 2, 4)}
-    >>> noisy = noised_features(data, noise_step=999)
+    >>> noisy = noised_features(data, noise_step=999, schedule="linear")
     >>> bool(noisy["input_features"].std() > 0.9), bool((noisy["input_ids"] == 1).all())
     (True, True)
     """
-    if not 0 <= noise_step < 1000:
-        raise InputError(f"noise_step must be in [0, 1000), got {noise_step}")
+    keep = diffusion_keep(noise_step, schedule)
     data = dict(inputs.data if hasattr(inputs, "data") else inputs)
-    keep = _diffusion_keep(noise_step)
     generator = torch.Generator().manual_seed(seed)
     touched = 0
     for modality in modalities:
@@ -500,13 +522,15 @@ def noised_features(inputs: "AVInputs | dict[str, Any]", noise_step: int = 500, 
 
 def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64, alpha: float = 1.0,
                  beta: float = 0.1, noise_step: int = 500, seed: int = 0,
-                 modalities: Sequence[str] = ("video", "audio")) -> DecodeOutput:
+                 modalities: Sequence[str] = ("video", "audio"), schedule: str = "sigmoid") -> DecodeOutput:
     """Visual contrastive decoding extended to audio and video (Leng et al., 2024).
 
     The clean prompt and a copy whose video and audio features are noised (`noised_features`)
     run as one batch of two sharing the decoded tokens. Per step, with ``l`` the logits:
     ``(1 + alpha) * l(x) - alpha * l(x_noised)``, restricted to the plausible tokens
-    ``p(x) >= beta * max p(x)``; the argmax is taken (greedy).
+    ``p(x) >= beta * max p(x)``; the argmax is taken (greedy). ``noise_step`` and
+    ``schedule`` set how noisy the contrast copy is (default: step 500 of VCD's sigmoid
+    schedule, as in VCD's released code; ``schedule="linear"`` is DDPM's, much noisier).
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
@@ -516,8 +540,9 @@ def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     'vcd'
     """
     _check_tokens(max_new_tokens)
-    if alpha < 0 or not 0 <= beta <= 1:
+    if not (math.isfinite(alpha) and alpha >= 0) or not 0 <= beta <= 1:
         raise InputError(f"VCD needs alpha >= 0 and beta in [0, 1]; got alpha={alpha}, beta={beta}")
+    diffusion_keep(noise_step, schedule)  # checks both before the model runs
     ex = _as_inputs(model, inputs)
     decoder = Decoder(model)
     start = time.perf_counter()
@@ -531,7 +556,7 @@ def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
 
     with torch.inference_mode():
         clean = dict(ex.data)
-        noisy = noised_features(clean, noise_step, seed, modalities)
+        noisy = noised_features(clean, noise_step, seed, modalities, schedule)
         batch = model.adapter.collate([clean, noisy], padding_side="right", pad_id=0)
         prefill = decoder.prefill(decoder.data(batch))
         ids, finished = _greedy_loop(decoder, prefill, max_new_tokens, choose, prefill.cache, 2)
@@ -539,7 +564,7 @@ def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     ms = (time.perf_counter() - start) * 1000
     return DecodeOutput("vcd", decoder.decode_text(ids), ids, len(ex), ms, finished,
                         {"max_new_tokens": max_new_tokens, "alpha": alpha, "beta": beta, "noise_step": noise_step,
-                         "seed": seed, "modalities": list(modalities)})
+                         "schedule": schedule, "seed": seed, "modalities": list(modalities)})
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,11 +1,17 @@
 """Plots for sink and MDS results; each returns a matplotlib ``Figure`` (save with ``fig.savefig``).
 
-Figures are built without pyplot, so making many of them in a loop leaks nothing;
-Jupyter still displays a returned ``Figure``.
+Figures are built without pyplot, so making many of them in a loop leaks nothing. Jupyter
+shows a returned figure through IPython's PNG formatter; matplotlib registers that
+formatter for ``Figure`` only once pyplot loads its inline backend (``%matplotlib inline``,
+or importing pyplot), which a figure built without pyplot never does. So the figures here
+are `NotebookFigure`s, which render themselves (``_repr_png_``) in a fresh kernel too.
+An empty result gives a figure that says "no data" rather than empty axes.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -16,15 +22,63 @@ if TYPE_CHECKING:
     from .mds import MDSResult
     from .sinks import SinkResult
 
-__all__ = ["plot_sink_mask", "plot_mds_heatmap", "plot_mds_distribution", "MODALITY_COLORS"]
+__all__ = ["plot_sink_mask", "plot_mds_heatmap", "plot_mds_distribution", "MODALITY_COLORS", "NotebookFigure",
+           "figure", "no_data"]
 
 MODALITY_COLORS = {"video": "#1f77b4", "audio": "#d62728", "image": "#9467bd", "text": "#bbbbbb"}
 
 
-def _figure(width: float, height: float) -> "Figure":
+@functools.cache
+def _notebook_figure_class() -> type:
+    # Built on first use so that importing analyses does not import matplotlib.
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    class NotebookFigure(Figure):
+        """A matplotlib ``Figure`` that Jupyter displays without ``%matplotlib inline`` (see the module doc)."""
+
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=100)
+            return buffer.getvalue()
+
+    NotebookFigure.__module__, NotebookFigure.__qualname__ = __name__, "NotebookFigure"
+    return NotebookFigure
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NotebookFigure":
+        return _notebook_figure_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def figure(width: float, height: float) -> "Figure":
+    """A new `NotebookFigure` (constrained layout, so labels are not clipped), outside pyplot.
+
+    >>> figure(2, 1)._repr_png_()[:4]
+    b'\\x89PNG'
+    """
+    return _notebook_figure_class()(figsize=(width, height), layout="constrained")
+
+
+_figure = figure
+
+
+def no_data(fig: "Figure", message: str = "no data", title: str | None = None, ax: Any = None) -> "Figure":
+    """Turn ``fig`` (or just ``ax``) into a plain notice: ``message`` in the middle, no axes."""
+    ax = ax if ax is not None else fig.add_subplot(1, 1, 1)
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=11, color="0.3")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def _dims_text(dims: Sequence[int], show: int = 6) -> str:
+    """``dims 3, 7`` or ``30 dims (100, 102, 104, ..., 158)``: a title never lists every channel."""
+    dims = [int(d) for d in dims]
+    if len(dims) <= show:
+        return f"dim{'s' if len(dims) != 1 else ''} {', '.join(map(str, dims)) or 'none'}"
+    return f"{len(dims)} dims ({', '.join(map(str, dims[:3]))}, ..., {dims[-1]})"
 
 
 def _bands(ax: Any, labels: Sequence[str]) -> None:
@@ -54,17 +108,25 @@ def plot_sink_mask(sinks: "SinkResult", *, mark_global: bool = True, title: str 
     'layer'
     """
     fig = _figure(width, 4.2)
+    default_title = f"sink mask (tau={sinks.tau:g}, {_dims_text(sinks.dims)})"
+    if sinks.scores.numel() == 0:
+        return no_data(fig, "no data: no layers or tokens", title or default_title)
     rows = 3 if mark_global else 2
     grid = fig.add_gridspec(rows, 1, height_ratios=[0.35, 4, 0.35][:rows])
     band = fig.add_subplot(grid[0])
     ax = fig.add_subplot(grid[1], sharex=band)
     labels = sinks.modality_of()
     _bands(band, labels)
-    band.set_title(title or f"sink mask (tau={sinks.tau:g}, dims={sinks.dims})", fontsize=9)
+    band.set_title(title or default_title, fontsize=9)
     mask = sinks.mask.numpy().astype(float)
     ax.imshow(mask, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
               extent=(-0.5, sinks.length - 0.5, len(sinks.layers) - 0.5, -0.5))
     ax.set_ylabel("layer")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(facecolor="black", label=f"sink (score > tau={sinks.tau:g})"),
+                       Patch(facecolor="white", edgecolor="0.5", label="not a sink")],
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     ticks = np.linspace(0, len(sinks.layers) - 1, min(len(sinks.layers), 8)).round().astype(int)
     ax.set_yticks(ticks, [str(sinks.layers[i]) for i in ticks])
     if mark_global:
@@ -93,13 +155,13 @@ def plot_mds_heatmap(mds: "MDSResult", *, title: str | None = None, cmap: str = 
     'sinks (video | audio), sorted by MDS'
     """
     fig = _figure(width, 4.0)
-    ax = fig.add_subplot(1, 1, 1)
     mean = mds.mds.numpy()
     order = sorted(range(len(mean)), key=lambda j: (mds.modality[j] != "video", -mean[j], int(mds.positions[j])))
-    data = mds.per_layer.numpy()[:, order] if order else np.full((len(mds.layers), 1), np.nan)
+    if not order or not len(mds.layers):
+        return no_data(fig, "no data: no sinks to score", title or "MDS per layer")
+    ax = fig.add_subplot(1, 1, 1)
+    data = mds.per_layer.numpy()[:, order]
     image = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap, vmin=-1, vmax=1)
-    if not order:
-        ax.text(0.5, 0.5, "no sinks", ha="center", va="center", transform=ax.transAxes)
     n_video = sum(m == "video" for m in mds.modality)
     if 0 < n_video < len(order):
         ax.axvline(n_video - 0.5, color="black", lw=1)
@@ -136,23 +198,24 @@ def plot_mds_distribution(results: "MDSResult | Sequence[MDSResult]", *, kind: s
     frames = [r.to_frame().assign(sample=i) for i, r in enumerate(results)]
     data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["modality", "mds"])
     data = data[data["modality"].isin(["video", "audio"])]
+    if kind not in ("violin", "box", "hist"):
+        raise InputError(f"kind must be 'violin', 'box' or 'hist', got {kind!r}")
     fig = _figure(6.0, 4.0)
+    default_title = f"MDS of sinks ({len(results)} input{'s' if len(results) != 1 else ''})"
+    if data.empty:
+        return no_data(fig, "no data: no video or audio sinks", title or default_title)
     ax = fig.add_subplot(1, 1, 1)
     palette = {m: MODALITY_COLORS[m] for m in ("video", "audio")}
     order = [m for m in ("video", "audio") if (data["modality"] == m).any()]
-    if data.empty:
-        ax.text(0.5, 0.5, "no sinks", ha="center", va="center", transform=ax.transAxes)
-    elif kind == "violin":
+    if kind == "violin":
         sns.violinplot(data=data, x="modality", y="mds", hue="modality", order=order, palette=palette, cut=0,
                        inner="quartile", ax=ax, legend=False)
     elif kind == "box":
         sns.boxplot(data=data, x="modality", y="mds", hue="modality", order=order, palette=palette, ax=ax,
                     legend=False)
-    elif kind == "hist":
+    else:
         sns.histplot(data=data, x="mds", hue="modality", palette=palette, bins=np.linspace(-1, 1, 41),
                      element="step", ax=ax)
-    else:
-        raise InputError(f"kind must be 'violin', 'box' or 'hist', got {kind!r}")
     if kind != "hist":
         ax.set_ylim(-1.05, 1.05)
         ax.set_ylabel("MDS")
@@ -162,5 +225,5 @@ def plot_mds_distribution(results: "MDSResult | Sequence[MDSResult]", *, kind: s
             ax.annotate(f"median {med:+.2f}", (x, 1.0), ha="center", fontsize=8)
     else:
         ax.set_xlim(-1, 1)
-    ax.set_title(title or f"MDS of sinks ({len(results)} input{'s' if len(results) != 1 else ''})", fontsize=9)
+    ax.set_title(title or default_title, fontsize=9)
     return fig

@@ -39,6 +39,7 @@ from nnsight_av.errors import InputError
 from .base import Intervention, register_intervention
 from .context import ApplyContext
 from .engine import Op
+from .params import real
 from .selectors import normalize_selector, selector_to_json
 
 __all__ = ["AttentionKnockout", "AttentionBoost", "AttentionEdit", "apply_attention_edits"]
@@ -310,11 +311,9 @@ class AttentionBoost(_AttentionIntervention):
     def __init__(self, *, queries: Any = None, keys: Any = None, alpha: float = 0.2, mode: str = "pre_softmax",
                  **kwargs: Any) -> None:
         super().__init__(queries=queries, keys=keys, **kwargs)
-        if mode not in self.modes:
+        if not isinstance(mode, str) or mode not in self.modes:
             raise InputError(f"AttentionBoost mode must be one of {self.modes}, got {mode!r}")
-        alpha = float(alpha)
-        if not math.isfinite(alpha):
-            raise InputError(f"AttentionBoost alpha must be finite, got {alpha}")
+        alpha = real(alpha, "AttentionBoost alpha")
         if mode == "multiplicative" and alpha < -1:
             raise InputError(f"multiplicative AttentionBoost needs alpha >= -1 (probabilities stay >= 0), got {alpha}")
         self.alpha, self.mode = alpha, mode

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 
-from nnsight_av.errors import InputError
+from nnsight_av.errors import FormatError, InputError, NNsightAVError
 from nnsight_av.inputs import AVInputs
 
 from .context import ApplyContext
 from .engine import Op, execute
+from .params import flag
 from .selectors import normalize_selector
 from .site import Site, as_site
 
@@ -36,15 +38,24 @@ def _sets_to_json(sets: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
 
 def _normalize_sets(sets: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
+    if sets is not None and not isinstance(sets, Mapping):
+        raise InputError(f"sets must map names to token positions, got {type(sets).__name__}")
     for name, positions in (sets or {}).items():
         if not isinstance(name, str):
             raise InputError(f"set names must be strings, got {name!r}")
         values = normalize_selector(positions)
-        if values is None or isinstance(values, str) or any(isinstance(v, str) for v in
-                                                              (values if isinstance(values, tuple) else (values,))):
+        values = values if isinstance(values, tuple) else (values,)
+        if any(v is None or isinstance(v, str) for v in values):
             raise InputError(f"set {name!r} must hold token positions, got {positions!r}")
-        out[name] = torch.as_tensor(values if isinstance(values, tuple) else (values,), dtype=torch.long)
+        bad = [v for v in values if not 0 <= v < _MAX_POSITION]
+        if bad:
+            raise InputError(f"set {name!r} holds position {bad[0]}; set positions are token indices >= 0")
+        out[name] = torch.as_tensor(values, dtype=torch.long)
     return out
+
+
+#: Positions beyond this are refused before they reach a LongTensor (no model has 2**40 tokens).
+_MAX_POSITION = 1 << 40
 
 
 class Intervention:
@@ -68,7 +79,7 @@ class Intervention:
             raise InputError(f"{type(self).__name__} edits activations; the 'attn_logits' site is for "
                              f"AttentionKnockout / AttentionBoost")
         self.sets = _normalize_sets(sets)
-        self.allow_empty = bool(allow_empty)
+        self.allow_empty = flag(allow_empty, "allow_empty")
 
     # -- compilation (subclasses) ----------------------------------------------------------
     def compile(self, model: Any, ctx: ApplyContext) -> list[Op]:
@@ -193,7 +204,16 @@ class Compose(Intervention):
 
     @classmethod
     def from_params(cls, params: dict[str, Any], sources: Mapping[str, Any] | None = None) -> "Compose":
-        return cls([from_dict(child, sources) for child in params["children"]])
+        children = params.get("children")
+        if not isinstance(children, (list, tuple)):
+            raise FormatError(f"Compose needs 'children': a list of intervention dicts, got {children!r:.80}")
+        rebuilt = []
+        for index, child in enumerate(children):
+            try:
+                rebuilt.append(from_dict(child, sources))
+            except NNsightAVError as error:  # same class, with where it is
+                raise type(error)(f"Compose children[{index}]: {error}") from error
+        return cls(rebuilt)
 
     def __repr__(self) -> str:
         return " + ".join(repr(child) for child in self.children) if self.children else "Compose([])"
@@ -211,16 +231,48 @@ def from_dict(data: Mapping[str, Any], sources: Mapping[str, Any] | None = None)
     True
     """
     if not isinstance(data, Mapping) or "type" not in data:
-        raise InputError(f"not an intervention description (no 'type' key): {data!r}")
+        raise FormatError(f"not an intervention description (no 'type' key): {data!r:.200}")
     kind = data["type"]
-    if kind not in _REGISTRY:
-        raise InputError(f"unknown intervention type {kind!r}; known: {', '.join(sorted(_REGISTRY))}")
+    if not isinstance(kind, str) or kind not in _REGISTRY:
+        raise FormatError(f"unknown intervention type {kind!r:.80}; known: {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[kind]
     params = {k: v for k, v in data.items() if k != "type"}
-    return _REGISTRY[kind].from_params(params, sources)
+    allowed = _keywords(cls)
+    unknown = [k for k in params if not isinstance(k, str) or (allowed is not None and k not in allowed)]
+    if unknown:
+        raise FormatError(f"{kind} has no parameter {', '.join(repr(k) for k in unknown)}; it takes "
+                          f"{', '.join(sorted(allowed or ()))}")
+    try:
+        return cls.from_params(params, sources)
+    except NNsightAVError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as error:
+        # A registered class whose own checks missed a malformed value: still the library's error.
+        raise FormatError(f"cannot rebuild {kind} from {params!r:.200}: {type(error).__name__}: {error}") from error
+
+
+def _keywords(cls: type) -> set[str] | None:
+    """The keyword names ``cls(...)`` accepts (following ``**kwargs`` up the MRO); None: any."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is object:
+            return None
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names
+    return None
 
 
 def from_json(text: str, sources: Mapping[str, Any] | None = None) -> Intervention:
-    return from_dict(json.loads(text), sources)
+    """`from_dict` of a JSON string (`FormatError` when it is not JSON)."""
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise FormatError(f"from_json takes a JSON string, got {type(text).__name__}")
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise FormatError(f"not valid JSON: {error}") from None
+    return from_dict(data, sources)
 
 
 def as_intervention(value: Intervention | Sequence[Intervention] | None) -> Intervention | None:

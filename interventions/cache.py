@@ -9,13 +9,14 @@ input(s) it came from, so `Patch` / `MeanPatch` can refuse a target that does no
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import nnsight
 import torch
 
-from nnsight_av.errors import InputError
+from nnsight_av.errors import FormatError, InputError
 from nnsight_av.inputs import AVInputs
 
 from .context import MODALITIES, ApplyContext
@@ -81,17 +82,30 @@ class ActivationCache:
 
     @classmethod
     def load(cls, path: str) -> "ActivationCache":
-        from safetensors import safe_open
+        """Read a file written by `save`; `FormatError` when it is not one (garbage, truncated, other metadata)."""
+        from safetensors import SafetensorError, safe_open
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise FormatError(f"an activation cache path must be a string, got {type(path).__name__}")
+        if not os.path.isfile(path):
+            raise FormatError(f"no activation cache file at {str(path)!r}")
         try:
             with safe_open(str(path), framework="pt") as handle:
-                meta = json.loads(handle.metadata()["nnsight_av"])
+                metadata = handle.metadata() or {}
+                if "nnsight_av" not in metadata:
+                    raise FormatError(f"{str(path)!r} is a safetensors file without nnsight_av metadata "
+                                      f"(not written by ActivationCache.save)")
+                meta = json.loads(metadata["nnsight_av"])
                 acts = {k: handle.get_tensor(k) for k in handle.keys()}
-        except (OSError, KeyError, json.JSONDecodeError) as error:
-            raise InputError(f"cannot read an activation cache from {path!r}: {error}") from error
-        length, layout, chunks = meta["layout"]
-        return cls(acts, (int(length), layout, tuple(tuple(c) for c in chunks)), meta["kind"], meta["by"],
-                   int(meta["count"]), meta.get("name"), str(path), meta.get("meta", {}))
+        except FormatError:
+            raise
+        except (OSError, SafetensorError, ValueError, RuntimeError) as error:
+            raise FormatError(f"cannot read an activation cache from {str(path)!r}: {error}") from None
+        layout, kind, by, count, name = _checked_meta(meta, acts, str(path))
+        extra = meta.get("meta", {})
+        if not isinstance(extra, dict):
+            raise FormatError(f"activation cache {str(path)!r}: 'meta' must be a JSON object, got {extra!r:.80}")
+        return cls(acts, layout, kind, by, count, name, str(path), extra)
 
     def to_frame(self) -> "Any":
         """One row per key: point, layer, shape, mean L2 norm over rows."""
@@ -109,6 +123,42 @@ class ActivationCache:
         by = f", by={self.by}" if self.by else ""
         return (f"ActivationCache({self.kind}{by}, {len(self.acts)} keys, length={self.length}, count={self.count}"
                 f"{', name=' + repr(self.name) if self.name else ''})")
+
+
+def _checked_meta(meta: Any, acts: dict[str, torch.Tensor], path: str) -> tuple:
+    """``(layout, kind, by, count, name)`` from a cache file's metadata, each field checked."""
+    def bad(what: str) -> FormatError:
+        return FormatError(f"activation cache {path!r}: {what}")
+
+    if not isinstance(meta, dict):
+        raise bad("its metadata is not a JSON object")
+    missing = [k for k in ("layout", "kind", "by", "count") if k not in meta]
+    if missing:
+        raise bad(f"its metadata lacks {', '.join(missing)}")
+    layout = meta["layout"]
+    try:
+        length, order, chunks = layout
+        chunks = tuple((int(v), int(a)) for v, a in chunks)
+        ok = (isinstance(length, int) and not isinstance(length, bool) and length >= 0 and isinstance(order, str)
+              and all(v >= 0 and a >= 0 for v, a in chunks))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise bad(f"layout must be [length >= 0, layout string, [[video, audio], ...]], got {layout!r:.120}")
+    kind, by, count, name = meta["kind"], meta["by"], meta["count"], meta.get("name")
+    if kind not in ("activations", "mean"):
+        raise bad(f"kind must be 'activations' or 'mean', got {kind!r:.80}")
+    if by not in ((None,) if kind == "activations" else ("position", "modality")):
+        raise bad(f"by={by!r:.80} does not fit kind={kind!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise bad(f"count must be a positive integer, got {count!r:.80}")
+    if name is not None and not isinstance(name, str):
+        raise bad(f"name must be a string, got {name!r:.80}")
+    for key in acts:
+        point, _, layer = key.partition("@")
+        if not point or not layer.isdigit():
+            raise bad(f"tensor {key!r} is not named '<point>@<layer>'")
+    return (length, order, chunks), kind, by, count, name
 
 
 def _sites_of(sites: Any, layers: Any) -> list[Site]:

@@ -12,12 +12,13 @@ from typing import Any, Mapping
 
 import torch
 
-from nnsight_av.errors import InputError
+from nnsight_av.errors import FormatError, InputError
 
 from .base import Intervention, register_intervention
 from .cache import ActivationCache, layout_signature
 from .context import MODALITIES, ApplyContext
 from .engine import Op
+from .params import integer, real
 from .site import Site
 
 __all__ = ["Zero", "MeanPatch", "Patch", "Noise"]
@@ -107,12 +108,22 @@ class Zero(ActivationIntervention):
 
 def _bind_cache(source: Any, sources: Mapping[str, Any] | None, what: str) -> Any:
     """A cache from its JSON reference: a saved file's path, or a name in ``sources``."""
-    if source is None or isinstance(source, (ActivationCache, int)):
+    if source is None or isinstance(source, ActivationCache):
         return source
+    if isinstance(source, int) and not isinstance(source, bool):
+        return integer(source, f"{what} (an invoke index)", lo=0)
     if isinstance(source, Mapping):
         if "invoke" in source:
-            return int(source["invoke"])
+            if set(source) != {"invoke"}:
+                raise FormatError(f"{what}: an invoke reference is {{'invoke': k}}, got keys {sorted(map(str, source))}")
+            return integer(source["invoke"], f"{what} (an invoke index)", lo=0)
+        unknown = set(source) - {"name", "path"}
+        if unknown:
+            raise FormatError(f"{what}: a cache reference has keys name, path; got unknown {sorted(map(str, unknown))}")
         name, path = source.get("name"), source.get("path")
+        for key, value in (("name", name), ("path", path)):
+            if value is not None and not isinstance(value, str):
+                raise FormatError(f"{what}: the cache {key} must be a string, got {value!r:.80}")
         if sources and name in sources:
             return sources[name]
         if path:
@@ -160,6 +171,9 @@ class MeanPatch(ActivationIntervention):
     def __init__(self, means: ActivationCache | str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.means = _bind_cache(means, None, "MeanPatch means")
+        if self.means is not None and not isinstance(self.means, ActivationCache):
+            raise InputError(f"MeanPatch means must be an ActivationCache from compute_means (or its saved path), "
+                             f"got {means!r:.80}")
         if self.means is not None and self.means.kind != "mean":
             raise InputError("MeanPatch needs means from interventions.compute_means, got an activation cache")
 
@@ -299,16 +313,17 @@ class Noise(ActivationIntervention):
         if not isinstance(kwargs.get("site"), Site):
             kwargs.setdefault("layers", 0)  # the embeddings, as in ROME
         super().__init__(**kwargs)
-        self.scale = float(scale)
+        self.scale = real(scale, "Noise scale", lo=0)
         if isinstance(std, Mapping):
             unknown = set(std) - set(MODALITIES)
             if unknown:
-                raise InputError(f"Noise std keys must be modalities {MODALITIES}, got {sorted(unknown)}")
-            std = {k: float(v) for k, v in std.items()}
+                raise InputError(f"Noise std keys must be modalities {MODALITIES}, got {sorted(map(str, unknown))}")
+            std = {k: real(v, f"Noise std[{k!r}]", lo=0) for k, v in std.items()}
         elif std is not None:
-            std = float(std)
+            std = real(std, "Noise std", lo=0)
         self.std = std
-        self.seed = int(seed)
+        # The generator is seeded with seed * 1_000_003 + layer, which must fit torch's 64-bit seed.
+        self.seed = integer(seed, "Noise seed", lo=0, hi=1 << 32)
 
     def _stds(self, value: torch.Tensor, ctx: ApplyContext, modality: torch.Tensor, heads) -> torch.Tensor:
         if isinstance(self.std, float):

@@ -12,6 +12,7 @@ from nnsight_av.errors import InputError
 from nnsight_av.inputs import AVInputs
 
 from .base import Compose, Intervention, as_intervention
+from .params import integer
 
 __all__ = ["run", "generate"]
 
@@ -94,12 +95,13 @@ def generate(model: Any, inputs: AVInputs | Sequence[AVInputs], interventions: A
     of input ``i`` at each step. Other keywords go to ``model.generate`` (greedy unless
     ``do_sample=True``).
     """
+    max_new_tokens = integer(max_new_tokens, "max_new_tokens", lo=1)
     items, single = _inputs_list(inputs)
     iv = as_intervention(interventions)
     plan = _plan(iv, len(items), targets)
     per_sets = _per_input_sets(sets, len(items))
-    chosen = set(range(max_new_tokens)) if steps is None else {int(s) for s in steps}
-    if any(s < 0 for s in chosen):
+    chosen = None if steps is None else {integer(s, "a generation step") for s in steps}
+    if chosen is not None and any(s < 0 for s in chosen):
         raise InputError(f"generation steps must be >= 0, got {sorted(chosen)}")
     generate_kwargs.setdefault("do_sample", False)
     loop = return_logits or any(p is not None for p in plan)
@@ -114,7 +116,7 @@ def generate(model: Any, inputs: AVInputs | Sequence[AVInputs], interventions: A
                     step_logits.append(mine)
                     if loop:
                         for step in tracer.iter[0:max_new_tokens]:
-                            if plan[index] is not None and step in chosen:
+                            if plan[index] is not None and (chosen is None or step in chosen):
                                 plan[index].apply(model, ex, sets=per_sets[index])
                             if return_logits:
                                 mine.append(model.logits[0, -1].detach().clone())

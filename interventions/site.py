@@ -22,8 +22,9 @@ from typing import Any, Mapping, Sequence, Union
 
 import torch
 
-from nnsight_av.errors import InputError, LayerIndexError
+from nnsight_av.errors import FormatError, InputError, LayerIndexError
 
+from .params import integer
 from .selectors import normalize_selector
 
 __all__ = ["Site", "ROLES", "window", "LayerSpec", "POINT_ORDER"]
@@ -51,8 +52,8 @@ def window(start: int, size: int) -> range:
     >>> list(window(2, 3))
     [2, 3, 4]
     """
-    if size < 1:
-        raise InputError(f"a layer window needs size >= 1, got {size}")
+    start = integer(start, "a layer window's start")
+    size = integer(size, "a layer window's size", lo=1)
     return range(start, start + size)
 
 
@@ -77,6 +78,12 @@ def _normalize_layers(layers: Any) -> Any:
     if isinstance(layers, range):
         return layers
     if isinstance(layers, slice):
+        for part in ("start", "stop", "step"):
+            value = getattr(layers, part)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise LayerIndexError(f"a layer slice's {part} must be an int, got {value!r}")
+        if layers.step == 0:
+            raise LayerIndexError("a layer slice's step cannot be 0")
         return range(layers.start or 0, layers.stop, layers.step or 1) if layers.stop is not None else layers
     if isinstance(layers, torch.Tensor):
         layers = layers.tolist()
@@ -101,10 +108,22 @@ def layers_to_json(layers: Any) -> Any:
 
 
 def layers_from_json(value: Any) -> Any:
-    if isinstance(value, dict):
-        if value.get("stop") is None:
-            return slice(value.get("start", 0), None, value.get("step", 1))
-        return range(value["start"], value["stop"], value.get("step", 1))
+    """The layers of `layers_to_json` output; a range dict is checked (`FormatError`) before it is built."""
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"start", "stop", "step"}
+        if unknown:
+            raise FormatError(f"a layer range has keys start, stop, step; got unknown {sorted(map(str, unknown))}")
+        parts = {"start": value.get("start", 0), "stop": value.get("stop"), "step": value.get("step", 1)}
+        for part, number in parts.items():
+            if number is None and part == "stop":
+                continue
+            if isinstance(number, bool) or not isinstance(number, int):
+                raise FormatError(f"a layer range's {part} must be an int, got {number!r}")
+        if parts["step"] == 0:
+            raise FormatError("a layer range's step cannot be 0")
+        if parts["stop"] is None:
+            return slice(parts["start"], None, parts["step"])
+        return range(parts["start"], parts["stop"], parts["step"])
     return value
 
 
@@ -157,6 +176,12 @@ class Site:
             return list(range(n))
         if isinstance(spec, slice):
             spec = range(*spec.indices(n))
+        if isinstance(spec, range) and spec:
+            # Check the ends before expanding: range(0, 10**8) must not become a list first.
+            for end in (spec[0], spec[-1]):
+                if not -n <= end < n:
+                    raise LayerIndexError(f"layers {spec.start}..{spec.stop} (step {spec.step}) reach layer {end}, "
+                                          f"out of range: this model has {n} layers (0..{n - 1})")
         values = [spec] if isinstance(spec, int) else list(spec)
         if not values:
             raise LayerIndexError("no layers selected (layers= is empty)")
@@ -192,6 +217,13 @@ class Site:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Site":
+        """Rebuild a `Site` from `to_dict` output (`FormatError` for a malformed dict)."""
+        if not isinstance(data, Mapping):
+            raise FormatError(f"a site description must be a dict, got {type(data).__name__}")
+        unknown = set(data) - {"role", "layers", "tokens", "heads"}
+        if unknown:
+            raise FormatError(f"a site description has keys role, layers, tokens, heads; got unknown "
+                              f"{sorted(map(str, unknown))}")
         return cls(data.get("role", "resid_post"), layers_from_json(data.get("layers")), data.get("tokens"),
                    data.get("heads"))
 

@@ -9,8 +9,9 @@
 from . import adapters  # noqa: F401  (registers the built-in adapters)
 from . import testing  # noqa: F401
 from .adapters.base import Adapter, get_adapter, register_adapter, registered_adapters
-from .errors import (AdapterError, InputError, LayerIndexError, MediaError, MissingAudioError, NNsightAVError,
-                     SpanError, TokenSelectionError, UnknownModelError, WeightsChecksumError, WeightsUnavailableError)
+from .errors import (AdapterError, FormatError, InputError, LayerIndexError, MediaError, MissingAudioError,
+                     NNsightAVError, SpanError, TokenSelectionError, UnknownModelError, WeightsChecksumError,
+                     WeightsUnavailableError)
 from .inputs import AVInputs, MediaRequest
 from .loading import load
 from .model import AVModel
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 
 __all__ = ["load", "AVModel", "AVInputs", "MediaRequest", "Spans", "Chunk", "Adapter", "register_adapter",
            "get_adapter", "registered_adapters", "testing", "NNsightAVError", "UnknownModelError", "AdapterError",
-           "MediaError", "MissingAudioError", "InputError", "SpanError", "LayerIndexError", "TokenSelectionError",
-           "WeightsUnavailableError", "WeightsChecksumError"]
+           "MediaError", "MissingAudioError", "InputError", "FormatError", "SpanError", "LayerIndexError",
+           "TokenSelectionError", "WeightsUnavailableError", "WeightsChecksumError"]

@@ -49,3 +49,7 @@ class WeightsUnavailableError(NNsightAVError, OSError):
 
 class WeightsChecksumError(WeightsUnavailableError):
     """A downloaded or cached weights file does not have the sha256 the library pins (corrupt or tampered)."""
+
+
+class FormatError(InputError):
+    """A saved description cannot be rebuilt: a malformed intervention dict or JSON, or a bad cache file."""

@@ -170,6 +170,27 @@ def prepare(
     return prepare_request(model, request)
 
 
+#: Passed to Qwen video processors as ``cap_pixels_per_frame`` (transformers >= 5.17 warns on
+#: every run while it is unset). True is the reference behaviour (qwen-vl-utils /
+#: qwen-omni-utils, and transformers' default from v5.22): a video's total pixels are bounded
+#: by ``max_video_tokens``. It changes no token count below that bound (about 108k video tokens,
+#: past any model's context), so clips that fit a model get the same tokens either way;
+#: docs/gotchas.md has the counts.
+VIDEO_PIXEL_CAP = True
+
+
+def _video_pixel_cap(processor: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``{"cap_pixels_per_frame": VIDEO_PIXEL_CAP}`` where the video processor takes it and nobody set it."""
+    video_processor = getattr(processor, "video_processor", None)
+    if not hasattr(type(video_processor), "cap_pixels_per_frame"):
+        return {}
+    chosen = (kwargs.get("cap_pixels_per_frame"), (kwargs.get("videos_kwargs") or {}).get("cap_pixels_per_frame"),
+              video_processor.cap_pixels_per_frame)
+    if any(value is not None for value in chosen):
+        return {}
+    return {"cap_pixels_per_frame": VIDEO_PIXEL_CAP}
+
+
 def prepare_request(model: "AVModel", request: MediaRequest) -> AVInputs:
     """Build `AVInputs` from already-decoded media (used by ablations to swap media in place)."""
     adapter, processor = model.adapter, model.processor
@@ -192,6 +213,7 @@ def prepare_request(model: "AVModel", request: MediaRequest) -> AVInputs:
     kwargs: dict[str, Any] = dict(model.processor_kwargs)
     if request.video is not None:
         kwargs.update(videos=[request.video], fps=request.fps, do_sample_frames=False)
+        kwargs.update(_video_pixel_cap(processor, kwargs))
     if request.audio is not None:
         kwargs["audio"] = [request.audio]
     if request.images:

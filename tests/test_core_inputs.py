@@ -142,3 +142,32 @@ def test_system_turn_is_found_by_its_role_not_its_position(tiny):
     system, prompt, _ = turn_spans(ids, tokens, media=())
     assert tiny.tokenizer.decode([ids[p] for p in system]) == "Be brief."
     assert tiny.tokenizer.decode([ids[p] for p in prompt]) == "hello"
+
+
+def test_video_pixel_cap_is_chosen_explicitly_and_silences_transformers(tiny, monkeypatch):
+    import logging
+
+    from nnsight_av.inputs import VIDEO_PIXEL_CAP
+
+    video_processor = tiny.processor.video_processor
+    if not hasattr(type(video_processor), "cap_pixels_per_frame"):
+        pytest.skip("this transformers has no cap_pixels_per_frame")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(type(video_processor).__module__)
+    logger.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # the warning is printed once per process
+    try:
+        frames, tone = nav.testing.synthetic_frames(2.0, 2, 112), nav.testing.synthetic_tone(2.0)
+        default = tiny.prepare(video=frames, audio=tone, text="x")
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "cap_pixels_per_frame" in r.getMessage()]
+    # The cap bounds a video's total pixels by max_video_tokens; shrink that bound to see it act:
+    # 4 frames of 112 x 112 -> 84 x 84 (9 tokens per 2 frames) instead of 16.
+    monkeypatch.setattr(video_processor, "max_video_tokens", 20)
+    capped = tiny.prepare(video=frames, audio=tone, text="x")
+    assert VIDEO_PIXEL_CAP is True and len(default.spans.video) == 32 and len(capped.spans.video) == 18
+    monkeypatch.setattr(video_processor, "cap_pixels_per_frame", False)  # a user's own choice is kept
+    assert len(tiny.prepare(video=frames, audio=tone, text="x").spans.video) == 32

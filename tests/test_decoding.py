@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import nnsight_av as nav
-from analyses.decoding import (DecodeOutput, blank_modality, fmd_generate, greedy_generate, noised_features,
-                               vcd_generate)
+from analyses.decoding import (DecodeOutput, blank_modality, diffusion_keep, fmd_generate, greedy_generate,
+                               noised_features, vcd_generate)
 
 N_NEW = 4
 
@@ -75,16 +75,45 @@ def test_noised_features_follow_the_diffusion_schedule(av_example):
     b = noised_features(data, 500, seed=0)
     assert torch.equal(a["pixel_values_videos"], b["pixel_values_videos"])        # seeded
     assert torch.equal(a["input_ids"], data["input_ids"])                        # text untouched
-    keep = float(np.prod(1 - np.linspace(1e-4, 0.02, 1000)[:501]))
-    x, y = data["input_features"], a["input_features"]
-    eps = (y - math.sqrt(keep) * x) / math.sqrt(1 - keep)
-    assert abs(float(eps.mean())) < 0.02 and abs(float(eps.std()) - 1) < 0.02
+    x = data["input_features"]
+    for schedule, betas in (("sigmoid", 1 / (1 + np.exp(-np.linspace(-6, 6, 1000))) * (5e-3 - 1e-5) + 1e-5),
+                            ("linear", np.linspace(1e-4, 0.02, 1000))):
+        keep = float(np.prod(1 - betas[:501]))
+        y = noised_features(data, 500, seed=0, schedule=schedule)["input_features"]
+        eps = (y - math.sqrt(keep) * x) / math.sqrt(1 - keep)
+        assert abs(float(eps.mean())) < 0.02 and abs(float(eps.std()) - 1) < 0.02
+    assert torch.equal(a["input_features"], noised_features(data, 500, seed=0, schedule="sigmoid")["input_features"])
     only_audio = noised_features(data, 500, modalities=("audio",))
     assert torch.equal(only_audio["pixel_values_videos"], data["pixel_values_videos"])
     with pytest.raises(nav.InputError, match="noise_step"):
         noised_features(data, 1000)
     with pytest.raises(nav.InputError, match="no video"):
         noised_features({"input_ids": data["input_ids"]}, 10, modalities=("video",))
+
+
+def test_vcd_noise_keeps_the_signal_fraction_of_its_schedule():
+    # METHOD.md section 6: VCD's released sigmoid schedule keeps ~86% of the signal at step 500,
+    # DDPM's linear one ~28%; the kept fraction is sqrt(alpha_bar).
+    assert math.sqrt(diffusion_keep(500)) == pytest.approx(0.863, abs=1e-3)
+    assert math.sqrt(diffusion_keep(500, "sigmoid")) == pytest.approx(0.863, abs=1e-3)
+    assert math.sqrt(diffusion_keep(500, "linear")) == pytest.approx(0.279, abs=1e-3)
+    x = torch.ones(1, 200_000)
+    for schedule, kept in (("sigmoid", 0.863), ("linear", 0.279)):
+        y = noised_features({"input_features": x}, 500, seed=1, schedule=schedule)["input_features"]
+        assert float(y.mean()) == pytest.approx(kept, abs=5e-3)  # the noise has mean 0
+    with pytest.raises(nav.InputError, match="unknown noise schedule 'cosine'"):
+        noised_features({"input_features": x}, 500, schedule="cosine")
+    with pytest.raises(nav.InputError, match="noise_step must be an integer"):
+        diffusion_keep(500.5)
+
+
+def test_vcd_records_its_schedule_and_refuses_bad_settings(tiny, av_example):
+    out = vcd_generate(tiny, av_example, 1)
+    assert out.params["schedule"] == "sigmoid" and out.params["noise_step"] == 500
+    with pytest.raises(nav.InputError, match="noise schedule"):
+        vcd_generate(tiny, av_example, 1, schedule="ddpm")
+    with pytest.raises(nav.InputError, match="alpha >= 0"):
+        vcd_generate(tiny, av_example, 1, alpha=float("nan"))
 
 
 def fork_merge_reference(model, audio_only, video_only, fork, w, steps):
