@@ -76,6 +76,7 @@ class ASDConfig:
     k_divide: float = 3.0
     sink_dims: tuple[int, ...] | None = None
     tau: float | None = None
+    criterion: str | None = None
     split_rule: str = "rank"
     alpha: float = 0.2
     boost_mode: str = "pre_softmax"
@@ -110,6 +111,8 @@ class ASDConfig:
         checks = [
             (self.k_divide > 0, f"k_divide must be positive, got {self.k_divide}"),
             (self.split_rule in ("rank", "sign"), f"split_rule must be 'rank' or 'sign', got {self.split_rule!r}"),
+            (self.criterion in (None, "phi", "magnitude"),
+             f"criterion must be None, 'phi' or 'magnitude', got {self.criterion!r}"),
             (self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
             (self.boost_mode in ("pre_softmax", "multiplicative"),
              f"boost_mode must be 'pre_softmax' or 'multiplicative', got {self.boost_mode!r}"),
@@ -245,6 +248,7 @@ def asd_sink_sets(model: "AVModel", inputs: "AVInputs", config: ASDConfig = ASDC
     if device.type != "cpu":
         ex = ex.to(device)
     analysis = sink_analysis(model, ex, dims=config.sink_dims, tau=config.tau, k_divide=config.k_divide,
+                             criterion=config.criterion,
                              progress=False)
     return _as_sets(analysis.mds.split(rule=config.split_rule), len(ex))
 
@@ -533,14 +537,14 @@ def _statistics(values: np.ndarray, config: ASDConfig) -> tuple[float, float, fl
 
 
 def _fused_sink_sets(hook: _ASDHook, scores: dict[int, torch.Tensor], ex: "AVInputs", dims: list[int], tau: float,
-                     config: ASDConfig, num_layers: int, num_heads: int) -> dict[str, torch.Tensor]:
+                     config: ASDConfig, num_layers: int, num_heads: int, criterion: str = "phi") -> dict[str, torch.Tensor]:
     """Global sinks and their MDS split from the fused prefill (what `sink_analysis` computes)."""
     from .mds import MDSResult
     from .sinks import SinkResult
 
     layers = list(range(num_layers))
     score = torch.stack([scores[l].float().cpu() for l in layers])
-    sinks = SinkResult(score, layers, list(dims), tau, float(config.k_divide), ex.layout())
+    sinks = SinkResult(score, layers, list(dims), tau, float(config.k_divide), ex.layout(), criterion=criterion)
     labels = ex.spans.modality_of()
     keep = [int(p) for p in sinks.positions.tolist() if labels[int(p)] in ("video", "audio")]
     pos = torch.tensor(keep, dtype=torch.long)
@@ -701,6 +705,7 @@ def asd_generate(
     fused = sinks is None
     dims: list[int] = []
     tau = float(model.adapter.tau() if config.tau is None else config.tau)
+    criterion = model.adapter.sink_criterion() if config.criterion is None else config.criterion
     if fused:
         video, audio = ex.spans.video, ex.spans.audio
         if video.numel() == 0 or audio.numel() == 0:
@@ -720,7 +725,7 @@ def asd_generate(
             def residual(layer: int) -> Any:
                 def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
                     hidden = args[0] if args else kwargs["hidden_states"]
-                    scores[layer] = sink_scores(hidden[0], dims)
+                    scores[layer] = sink_scores(hidden[0], dims, criterion)
                 return pre
 
             handles = [decoder.layers[l].register_forward_pre_hook(residual(l), with_kwargs=True)
@@ -749,7 +754,7 @@ def asd_generate(
             for handle in handles:
                 handle.remove()
         if fused:
-            sets = _fused_sink_sets(hook, scores, ex, dims, tau, config, layers, model.num_heads)
+            sets = _fused_sink_sets(hook, scores, ex, dims, tau, config, layers, model.num_heads, criterion)
             hook.set_sets(sets, config.boost_layers(layers), length, tail_start)
             for layer, probs in hook.last_rows.items():
                 hook._record(layer, probs)

@@ -26,7 +26,7 @@ from nnsight_av.errors import InputError
 from .results import JsonResult, read_json
 from .attention import (_group_counts, _row_group_ids, as_list, batch_tensors, column_attention_sums, column_sums,
                         progress_batches, run_prefill)
-from .sinks import SinkResult, _check_k, modality_codes, resolve_sink_dims, sink_scores
+from .sinks import SinkResult, _check_k, check_criterion, modality_codes, resolve_sink_dims, sink_scores
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -404,6 +404,7 @@ def sink_analysis(
     backend: str = "auto",
     batch_size: int = 1,
     defer: bool | None = None,
+    criterion: str | None = None,
     progress: bool = True,
 ) -> "SinkAnalysis | list[SinkAnalysis]":
     """`find_sinks` and `modality_dominance` in a single prefill.
@@ -434,6 +435,7 @@ def sink_analysis(
         _check_av(item)
     dims = resolve_sink_dims(model, dims, items)
     tau = float(model.adapter.tau() if tau is None else tau)
+    criterion = check_criterion(model.adapter.sink_criterion() if criterion is None else criterion)
     layer_list = list(range(model.num_layers))
     out: list[SinkAnalysis] = []
     for chunk in progress_batches(items, batch_size, progress, "sink analysis"):
@@ -441,14 +443,14 @@ def sink_analysis(
         kind = _DeferredColumns if _should_defer(model, chunk, defer) else _StreamedColumns
         columns = kind(chunk, gids, backend)
         scores_found, _ = run_prefill(
-            model, chunk, residual_layers=layer_list, on_residual=lambda layer, h: sink_scores(h, dims),
+            model, chunk, residual_layers=layer_list, on_residual=lambda layer, h: sink_scores(h, dims, criterion),
             attention_layers=layer_list, on_attention=columns.on_attention, fuse=fuse)
         # Per layer to the CPU first: with device_map='auto' the layers sit on different GPUs.
         all_scores = torch.stack([scores_found[l].cpu() for l in layer_list])                # [L, B, T]
         found = []
         for i, item in enumerate(chunk):
             sinks = SinkResult(all_scores[:, i, :len(item)], layer_list, list(dims), tau, float(k_divide),
-                               modality_codes(item), k)
+                               modality_codes(item), k, criterion=criterion)
             found.append((sinks, *_sink_positions(sinks, item)))
         sums = columns.sums(layer_list, [pos for _, pos, _ in found])
         for i, (item, (sinks, pos, labels)) in enumerate(zip(chunk, found)):

@@ -223,6 +223,7 @@ class PipelineConfig:
     k_divide: float = 2
     sink_dims: Sequence[int] | None = None
     tau: float | None = None
+    criterion: str | None = None
     split_rule: str = "rank"
     seed: int = 0
     batch_size: int = 4
@@ -302,7 +303,7 @@ def analyze_clip(model: "AVModel", record: ClipRecord, config: PipelineConfig | 
 def _sinks(model: "AVModel", clean: Any, config: PipelineConfig) -> tuple[Any, Any]:
     from . import mds as mds_module
 
-    kwargs = {"dims": config.sink_dims, "tau": config.tau, "k_divide": config.k_divide}
+    kwargs = {"dims": config.sink_dims, "tau": config.tau, "k_divide": config.k_divide, "criterion": config.criterion}
     joint = getattr(mds_module, "sink_analysis", None)
     if joint is not None:
         sinks, scores = joint(model, clean, progress=False, **kwargs)

@@ -5,7 +5,12 @@
   the median channel at middle and late layers, consistently across inputs
   (`find_sink_dims`; adapters list known ones, e.g. Qwen2.5-Omni-7B -> [458, 2570]).
 - Token ``t`` is a sink at layer ``l`` iff ``max over sink dims d of phi(h_{l,t})_d > tau``,
-  with ``h_{l,t}`` the input of decoder layer ``l`` (``l = 0..L-1``) on the clean prefill.
+  with ``h_{l,t}`` the input of decoder layer ``l`` (``l = 0..L-1``) on the clean prefill
+  (criterion ``"phi"``, the paper's). ``phi`` can never exceed ``sqrt(hidden)`` (its squares add
+  up to the hidden size), so a small model needs its own rule: criterion ``"magnitude"`` marks
+  ``t`` when ``max over d of |h_{l,t,d}|`` is more than ``tau`` times the median of that value
+  over the input's tokens at that layer (massive activations as in Sun et al. 2024, measured
+  against the ordinary token; docs/sinks.md gives the per-layer fractions it marks).
 - Global sinks: the ``K = int(T / k_divide)`` positions that are sinks in the most layers
   (ties: earlier first sink layer, then smaller position); kept text positions are then
   dropped and still use up ``K`` (the authors' behaviour).
@@ -32,10 +37,12 @@ if TYPE_CHECKING:
 
     from nnsight_av import AVInputs, AVModel
 
-__all__ = ["phi", "sink_scores", "first_token_phi", "find_sink_dims", "resolve_sink_dims", "select_global_sinks",
+__all__ = ["phi", "sink_scores", "sink_mask", "SINK_CRITERIA", "first_token_phi", "find_sink_dims", "resolve_sink_dims", "select_global_sinks",
            "SinkResult", "find_sinks", "RMS_EPS"]
 
 RMS_EPS = 1e-6
+#: How a token's score at a layer becomes "sink or not" (see the module docstring).
+SINK_CRITERIA = ("phi", "magnitude")
 _MODALITY_CODE = {"video": "V", "audio": "A", "image": "I", "text": "."}
 _CODE_MODALITY = {v: k for k, v in _MODALITY_CODE.items()}
 
@@ -50,19 +57,47 @@ def phi(h: Float[torch.Tensor, "... hidden"]) -> Float[torch.Tensor, "... hidden
     return (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + RMS_EPS)).abs()
 
 
-def sink_scores(h: Float[torch.Tensor, "... hidden"], dims: Sequence[int]) -> Float[torch.Tensor, "..."]:
-    """``max over d in dims of phi(h)_d`` without materialising ``phi`` for every channel.
+def check_criterion(criterion: str) -> str:
+    if criterion not in SINK_CRITERIA:
+        raise InputError(f"unknown sink criterion {criterion!r}; known: {', '.join(SINK_CRITERIA)}")
+    return criterion
+
+
+def sink_scores(h: Float[torch.Tensor, "... hidden"], dims: Sequence[int],
+                criterion: str = "phi") -> Float[torch.Tensor, "..."]:
+    """Per-token score at one layer: ``max over d in dims of phi(h)_d`` (``"phi"``, without
+    materialising ``phi`` for every channel) or of ``|h_d|`` (``"magnitude"``; `sink_mask` then
+    divides by the median token).
 
     >>> h = torch.tensor([[1.0, 1.0, 10.0, 1.0]])
     >>> bool(torch.isclose(sink_scores(h, [2]), phi(h)[:, 2]).all())
     True
+    >>> sink_scores(h, [2, 3], "magnitude").tolist()
+    [10.0]
     """
     if not dims:
         return torch.zeros(h.shape[:-1], dtype=torch.float32, device=h.device)
+    if criterion == "magnitude":
+        return torch.stack([h[..., int(d)] for d in dims], -1).float().abs().amax(-1)
     ms = torch.linalg.vector_norm(h, dim=-1, dtype=torch.float32).pow(2) / h.shape[-1]
     # Integer indexing keeps views: an index tensor built from a list would be a host-to-device copy per call.
     picked = torch.stack([h[..., int(d)] for d in dims], -1).float().abs()
     return (picked / torch.sqrt(ms + RMS_EPS)[..., None]).amax(-1)
+
+
+def sink_mask(scores: Float[torch.Tensor, "layer token"], tau: float,
+              criterion: str = "phi") -> Bool[torch.Tensor, "layer token"]:
+    """Which (layer, token) pairs are sinks: ``scores > tau`` (``"phi"``), or ``scores`` above
+    ``tau`` times the layer's median token (``"magnitude"``; ``scores`` of one input, no padding).
+
+    >>> scores = torch.tensor([[400.0, 2.0, 1.0, 1.5], [3.0, 2.0, 1.0, 1.5]])
+    >>> sink_mask(scores, 20.0, "magnitude").int().tolist()
+    [[1, 0, 0, 0], [0, 0, 0, 0]]
+    """
+    if criterion == "magnitude":
+        median = scores.median(-1, keepdim=True).values.clamp(min=1e-12)
+        return scores > tau * median
+    return scores > tau
 
 
 def _default_dim_layers(num_layers: int) -> list[int]:
@@ -91,7 +126,7 @@ def first_token_phi(
 def find_sink_dims(
     model: "AVModel",
     inputs: "AVInputs | Sequence[AVInputs]",
-    top: int | None = 2,
+    top: int | None = None,
     *,
     layers: Sequence[int] | None = None,
     ratio: float = 100.0,
@@ -104,7 +139,8 @@ def find_sink_dims(
     last), a channel passes if the first token's ``phi`` there is at least ``ratio`` times
     the median over channels. Channels passing in at least ``consistency`` of the
     (input, layer) pairs are ranked by their median ratio; the ``top`` strongest
-    (all if None) are returned in ascending channel order. Known defaults of an adapter:
+    (default: every channel that passes; the criterion decides, not a cap) are returned in
+    ascending channel order. Known defaults of an adapter:
     ``model.adapter.known_sink_dims()``; `resolve_sink_dims` picks between them.
 
     >>> import nnsight_av as nav
@@ -187,7 +223,8 @@ def select_global_sinks(
 class SinkResult(JsonResult):
     """Per-layer sink scores of one input and its global sinks.
 
-    ``scores[i, t] = max over dims of phi(h_{layers[i], t})``; ``mask = scores > tau``.
+    ``scores[i, t] = max over dims of phi(h_{layers[i], t})`` (criterion ``"phi"``, ``mask =
+    scores > tau``) or of ``|h|`` (``"magnitude"``, ``mask``: above ``tau`` times the median token).
     Global sinks: ``K = int(length / k_divide)`` (or ``k``), see `select_global_sinks`.
     ``positions`` holds the kept media positions (video, audio, image), ``video`` /
     ``audio`` split them, ``dropped_text`` lists the kept text positions that were
@@ -202,8 +239,10 @@ class SinkResult(JsonResult):
     modality: str = ""            # one character per position: V video, A audio, I image, . text
     k: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    criterion: str = "phi"
 
     def __post_init__(self) -> None:
+        check_criterion(self.criterion)
         self.scores = torch.as_tensor(self.scores, dtype=torch.float32).cpu()
         if self.scores.dim() != 2:
             raise InputError(f"scores must be [layer, token], got shape {tuple(self.scores.shape)}")
@@ -220,7 +259,7 @@ class SinkResult(JsonResult):
 
     @property
     def mask(self) -> Bool[torch.Tensor, "layer token"]:
-        return self.scores > self.tau
+        return sink_mask(self.scores, self.tau, self.criterion)
 
     @property
     def counts(self) -> Int[torch.Tensor, "token"]:
@@ -287,7 +326,7 @@ class SinkResult(JsonResult):
         """The same scores with another ``tau`` / ``k_divide`` / ``k`` (no forward pass)."""
         return SinkResult(self.scores, list(self.layers), list(self.dims), self.tau if tau is None else float(tau),
                           self.k_divide if k_divide is None else float(k_divide), self.modality,
-                          self.k if k == "keep" else k, dict(self.meta))
+                          self.k if k == "keep" else k, dict(self.meta), self.criterion)
 
     # -- views -------------------------------------------------------------------
     def to_frame(self) -> "pd.DataFrame":
@@ -308,6 +347,7 @@ class SinkResult(JsonResult):
 
     def summary(self) -> dict[str, Any]:
         return {"length": self.length, "layers": len(self.layers), "dims": self.dims, "tau": self.tau,
+                "criterion": self.criterion,
                 "K": self.K, "sink_positions_any_layer": int((self.counts > 0).sum()),
                 "kept": int(self.positions.numel()), "video": int(self.video.numel()),
                 "audio": int(self.audio.numel()), "dropped_text": int(self.dropped_text.numel())}
@@ -334,7 +374,7 @@ class SinkResult(JsonResult):
         return {"kind": "SinkResult", "version": 1, "scores": [[round(float(v), 5) for v in row]
                                                                 for row in self.scores.tolist()],
                 "layers": list(self.layers), "dims": list(self.dims), "tau": self.tau, "k_divide": self.k_divide,
-                "modality": self.modality, "k": self.k, "meta": self.meta}
+                "modality": self.modality, "k": self.k, "meta": self.meta, "criterion": self.criterion}
 
 
     @classmethod
@@ -342,7 +382,7 @@ class SinkResult(JsonResult):
         data = read_json(text_or_path, "SinkResult")
         return cls(torch.tensor(data["scores"], dtype=torch.float32).reshape(len(data["layers"]), -1),
                    data["layers"], data["dims"], data["tau"], data["k_divide"], data["modality"], data["k"],
-                   data.get("meta", {}))
+                   data.get("meta", {}), data.get("criterion", "phi"))
 
 
 def modality_codes(item: "AVInputs") -> str:
@@ -369,6 +409,7 @@ def find_sinks(
     *,
     k: int | None = None,
     layers: Sequence[int] | None = None,
+    criterion: str | None = None,
     batch_size: int = 1,
     progress: bool = True,
 ) -> "SinkResult | list[SinkResult]":
@@ -377,7 +418,8 @@ def find_sinks(
     ``dims``: sink dimensions (default: the adapter's known ones, else found from these
     inputs with `find_sink_dims`, which costs one more pass). ``tau``: threshold (default
     ``model.adapter.tau()``). ``k_divide``: N in ``K = int(T / N)``; ``k`` overrides K.
-    ``layers``: which layer inputs enter the count (default: all, ``0..L-1``).
+    ``layers``: which layer inputs enter the count (default: all, ``0..L-1``). ``criterion``:
+    ``"phi"`` or ``"magnitude"`` (default ``model.adapter.sink_criterion()``; module docstring).
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
@@ -390,13 +432,15 @@ def find_sinks(
     _check_k(k_divide, k)
     dims = resolve_sink_dims(model, dims, items)
     tau = float(model.adapter.tau() if tau is None else tau)
+    criterion = check_criterion(model.adapter.sink_criterion() if criterion is None else criterion)
     layer_list = list(range(model.num_layers)) if layers is None else sorted({model.check_layer(l) for l in layers})
     results: list[SinkResult] = []
     for chunk in progress_batches(items, batch_size, progress, "sinks"):
         found, _ = run_prefill(model, chunk, residual_layers=layer_list,
-                               on_residual=lambda layer, h: sink_scores(h, dims))
+                               on_residual=lambda layer, h: sink_scores(h, dims, criterion))
         found = {l: found[l].cpu() for l in layer_list}          # after the forward: no sync per layer
         for i, item in enumerate(chunk):
             scores = torch.stack([found[l][i, :len(item)] for l in layer_list])
-            results.append(SinkResult(scores, layer_list, list(dims), tau, float(k_divide), modality_codes(item), k))
+            results.append(SinkResult(scores, layer_list, list(dims), tau, float(k_divide), modality_codes(item), k,
+                                      criterion=criterion))
     return results[0] if single else results

@@ -73,6 +73,7 @@ class Adapter:
     sink_dims: ClassVar[Mapping[int, list[int]]] = {}
     sink_tau: ClassVar[Mapping[int, float]] = {}
     default_tau: ClassVar[float] = 25.0
+    default_sink_criterion: ClassVar[str] = "phi"
     default_system: ClassVar[str | None] = None
     processor_kwargs: ClassVar[Mapping[str, Any]] = {}
     layout: ClassVar[str] = "chunked"
@@ -160,10 +161,26 @@ class Adapter:
         return int(getattr(self.text_config, "head_dim", None) or self.hidden_size // self.num_heads)
 
     def known_sink_dims(self) -> list[int] | None:
+        calibrated = getattr(self, "_sink_calibration", {})
+        if calibrated.get("dims") is not None:
+            return list(calibrated["dims"])
         return self.sink_dims.get(self.hidden_size)
 
     def tau(self) -> float:
+        calibrated = getattr(self, "_sink_calibration", {})
+        if calibrated.get("tau") is not None:
+            return float(calibrated["tau"])
         return float(self.sink_tau.get(self.hidden_size, self.default_tau))
+
+    def sink_criterion(self) -> str:
+        """``"phi"`` (the paper's rule, fit for 7B models) unless this checkpoint was calibrated."""
+        return str(getattr(self, "_sink_calibration", {}).get("criterion") or self.default_sink_criterion)
+
+    def calibrate_sinks(self, dims: Sequence[int] | None = None, tau: float | None = None,
+                        criterion: str | None = None) -> None:
+        """Per-checkpoint sink defaults (a loader's knowledge of its weights), over the class's per-size ones."""
+        object.__setattr__(self, "_sink_calibration",
+                           {"dims": None if dims is None else [int(d) for d in dims], "tau": tau, "criterion": criterion})
 
     def attention_call(self, attn_envoy: Any) -> Any:
         """The nnsight source envoy of the attention-function call in ``attn_envoy``.

@@ -40,6 +40,9 @@ PROCESSOR_KWARGS: dict[str, Any] = {
     "videos_kwargs": {"size": {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}},
     "images_kwargs": {"size": {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}},
 }
+#: Sink calibration of smol-omni (docs/sinks.md, "Small models"): SmolLM2's massive channel (what
+#: `analyses.find_sink_dims` finds unprompted) and the magnitude rule, since phi <= sqrt(576) = 24.
+SINK_DIMS, SINK_TAU, SINK_CRITERION = (507,), 20.0, "magnitude"
 #: Names of the files in `ASSET_DIR`.
 WEIGHTS_FILE, SIZES_FILE = "media.safetensors", "encoders.json"
 #: Tensor holding the embedding rows of the tokens added to SmolLM2's vocabulary.
@@ -297,6 +300,7 @@ def load_smol(
     model = AVModel(thinker, adapter=Qwen25OmniAdapter, processor=processor,
                     checkpoint="smol-omni" if path is None else str(folder), default_system=DEFAULT_SYSTEM,
                     processor_kwargs=PROCESSOR_KWARGS)
+    model.adapter.calibrate_sinks(dims=SINK_DIMS, tau=SINK_TAU, criterion=SINK_CRITERION)
     if validate:
         from ..validation import quick_check
 
