@@ -77,17 +77,65 @@ def smol_language_model(gguf: str | Path, dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype).eval()
 
 
-def smol_tokenizer(gguf: str | Path):
-    """SmolLM2's own tokenizer (from the GGUF) plus Qwen2.5-Omni's multimodal special tokens.
+def _converted_folder(gguf: Path) -> Path:
+    from .fetch import cache_dir
 
-    The added tokens get ids after SmolLM2's 49152; the text tokens keep theirs.
+    stat = gguf.stat()
+    return cache_dir() / "smol-omni-converted" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def converted_language_model(gguf: str | Path, cache: bool = True):
+    """``(language_model, tokenizer)`` of SmolLM2, dequantised once and kept as safetensors in the cache.
+
+    Dequantising the GGUF and converting its tokenizer take tens of seconds on a CPU; the float32
+    copy (~0.5 GB, keyed by the file's size and mtime) loads in about a second. The weights are
+    the GGUF's own dequantised values either way.
     """
-    from transformers import AutoTokenizer
-
-    from ..testing.tiny import NAMED_SPECIALS, SPECIAL_TOKENS
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     gguf = Path(gguf)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    folder = _converted_folder(gguf)
+    if cache and (folder / "model.safetensors").is_file():
+        try:
+            return (LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval(),
+                    AutoTokenizer.from_pretrained(str(folder)))
+        except (OSError, ValueError):
+            pass  # a damaged copy: convert again below
+    language_model, tokenizer = smol_language_model(gguf), _gguf_tokenizer(gguf)
+    if cache:
+        import shutil
+        import tempfile
+
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
+        try:
+            language_model.config.quantization_config = None
+            if hasattr(language_model, "hf_quantizer"):
+                language_model.hf_quantizer = None
+            language_model.save_pretrained(str(staging), safe_serialization=True)
+            tokenizer.save_pretrained(str(staging))
+            shutil.rmtree(folder, ignore_errors=True)
+            staging.rename(folder)          # atomic: a reader sees a whole copy or none
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)   # a read-only or full cache only costs speed
+    return language_model, tokenizer
+
+
+def _gguf_tokenizer(gguf: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def smol_tokenizer(gguf: str | Path, base=None):
+    """SmolLM2's own tokenizer (from the GGUF) plus Qwen2.5-Omni's multimodal special tokens.
+
+    The added tokens get ids after SmolLM2's 49152; the text tokens keep theirs. ``base``: the
+    already loaded SmolLM2 tokenizer (default: read from the GGUF).
+    """
+    from ..testing.tiny import NAMED_SPECIALS, SPECIAL_TOKENS
+
+    tokenizer = base if base is not None else _gguf_tokenizer(Path(gguf))
     missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     tokenizer.add_special_tokens({"additional_special_tokens": missing})
     # The GGUF names <|im_start|> as eos; chat turns end with <|im_end|>.
@@ -287,10 +335,11 @@ def load_smol(
         meta = json.loads((folder / SIZES_FILE).read_text())
         sizes, lora_scale = EncoderSizes.from_dict(meta), float(meta.get("lora_scale", 2.0))
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    language_model = smol_language_model(gguf)
+    language_model, base_tokenizer = converted_language_model(gguf)
     base_vocab = language_model.config.vocab_size
     thinker, processor = build_smol_thinker(gguf, sizes, dtype=torch.float32, attn_implementation=attn_implementation,
-                                            language_model=language_model)
+                                            language_model=language_model,
+                                            tokenizer=smol_tokenizer(gguf, base=base_tokenizer))
     del language_model
     if trained:
         apply_trained_state(thinker, load_file(str(folder / WEIGHTS_FILE)), base_vocab, lora_scale)
