@@ -14,7 +14,6 @@ of a clip share one batched forward.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from nnsight_av.errors import InputError
 
-from .datasets import ClipRecord, read_dataset
+from .datasets import ClipRecord, InvalidRecord, check_dataset
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -137,13 +136,17 @@ class DominanceResult:
         return f"DominanceResult({self.counts()})"
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        return path
+        """Write one JSON line per clip (replacing ``path`` atomically)."""
+        from .store import write_jsonl
+
+        return write_jsonl(path, self.records)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DominanceResult":
-        return cls([json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()])
+        """Read a `save` / run file (bad lines skipped with a warning, the last record of each clip kept)."""
+        from .store import read_jsonl
+
+        return cls(read_jsonl(path, key="id"))
 
 
 def dominance(
@@ -191,23 +194,24 @@ def dominance(
         if out is not None:
             DominanceResult(records).save(out)
         return DominanceResult(records)
-    clips = read_dataset(dataset if items is None else items)
+    clips = check_dataset(dataset if items is None else items, model).records
 
     def one(record: ClipRecord) -> dict[str, Any]:
         return clip_dominance(model, record, options, correctness=correctness, method=method)
 
     if out is None:
-        from nnsight_av.errors import NNsightAVError
+        from tqdm.auto import tqdm
 
         from .runner import error_record
 
-        from tqdm.auto import tqdm
-
         results = []
         for record in tqdm(clips, desc="dominance", disable=not progress or len(clips) < 2):
+            if isinstance(record, InvalidRecord):
+                results.append(error_record(record.id, InputError(record.error)) | {"error_type": record.error_type})
+                continue
             try:
                 results.append({"id": record.id, **one(record)})
-            except NNsightAVError as error:
+            except Exception as error:                      # noqa: BLE001 - a clip's failure is its record
                 results.append(error_record(record.id, error))
         return DominanceResult(results)
     return DominanceResult(run_clips(clips, one, out, rank=rank, world_size=world_size, progress=progress,

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from nnsight_av.errors import InputError, NNsightAVError
+from nnsight_av.errors import InputError
 
-from .datasets import ClipRecord, read_dataset
+from .datasets import ClipRecord, DatasetCheck, InvalidRecord, check_dataset
+from .store import (OutputLock, OutputLockedError, append_jsonl, check_settings, read_jsonl, remove_output,
+                    repair_tail, write_jsonl)
 
 if TYPE_CHECKING:
     from nnsight_av import AVModel
@@ -41,47 +43,25 @@ __all__ = ["ResultStore", "shard_info", "shard_path", "run_clips", "merge_shards
 # JSONL store
 # ---------------------------------------------------------------------------------------
 class ResultStore:
-    """An append-only JSONL file of per-clip records keyed by ``id``.
+    """An append-only JSONL file of per-clip records keyed by ``id`` (see `analyses.store`).
 
     The process that writes the file opens it with ``repair=True``: a torn last line (the
     process died while writing it) is cut off, so the next append starts on a fresh line and
-    the clip is simply computed again. Readers of other processes' files leave them alone
-    and skip a line that does not parse.
+    the clip is simply computed again. Readers skip (and count) lines that do not parse.
     """
 
     def __init__(self, path: str | os.PathLike, repair: bool = True) -> None:
         self.path = Path(path)
         if repair:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._repair()
-
-    def _repair(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            with open(self.path, "r+b") as handle:
-                handle.truncate(cut)
+            repair_tail(self.path)
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line broken some other way: that clip is recomputed
-        return out
+        """Every record with an ``id``, the last one of each id (bad lines skipped with a warning)."""
+        return read_jsonl(self.path, key="id")
 
     def append(self, record: Mapping[str, Any]) -> None:
-        line = json.dumps(record) + "\n"
-        with open(self.path, "a") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_jsonl(self.path, record)
 
 
 def shard_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -110,33 +90,100 @@ def _saved(out: Path) -> dict[str, dict[str, Any]]:
     """
     found: dict[str, dict[str, Any]] = {}
     for path in [out] + _shard_files(out):
-        for record in ResultStore(path, repair=False).records() if path.exists() else []:
-            if "id" in record:
-                found[str(record["id"])] = record
+        for record in read_jsonl(path, key="id"):
+            found[str(record["id"])] = record
     return found
 
 
 def merge_shards(out: str | os.PathLike, order: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Merge ``out`` and its shard files into ``out`` (records in ``order`` of ids, then the rest), remove the shards."""
+    """Merge ``out`` and its shard files into ``out`` (records in ``order`` of ids, then the rest), remove the shards.
+
+    ``out`` is replaced atomically (a temporary file, then a rename) before any shard is removed,
+    so a kill at any point loses no record.
+    """
     out = Path(out)
     found = _saved(out)
     ids = list(order or [])
     ids += [i for i in found if i not in set(ids)]
     merged = [found[i] for i in ids if i in found]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in merged))
-    os.replace(tmp, out)
+    write_jsonl(out, merged)
     for path in _shard_files(out):
         path.unlink(missing_ok=True)
+        path.with_name(path.name + ".lock").unlink(missing_ok=True)
     return merged
 
 
 def error_record(clip_id: str, error: BaseException) -> dict[str, Any]:
+    """The record of a clip that could not be run: its id, ``status: "error"``, the error's kind and text."""
     return {"id": clip_id, "status": "error", "error_type": type(error).__name__, "error": str(error)}
 
 
+def _invalid_record(record: InvalidRecord) -> dict[str, Any]:
+    out = {"id": record.id, "status": "error", "error_type": record.error_type, "error": record.error}
+    if record.line is not None:
+        out["line"] = record.line
+    return out
+
+
+#: Seconds rank 0 waits for the other ranks' next record before it gives up (NNSIGHT_AV_WAIT_TIMEOUT overrides).
+DEFAULT_WAIT_TIMEOUT = 3600.0
+#: Seconds rank 0 waits when no other rank holds its shard's lock (that rank is not running).
+PEER_GRACE = 120.0
+
+
+def _wait_timeout(value: float | None) -> float:
+    if value is None:
+        value = float(os.environ.get("NNSIGHT_AV_WAIT_TIMEOUT", DEFAULT_WAIT_TIMEOUT))
+    if not value > 0:
+        raise InputError(f"wait_timeout must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _writer_alive(path: Path) -> bool:
+    """Whether some process holds the lock of ``path`` (a running rank writes it)."""
+    lock = OutputLock(path)
+    if not lock.lock_path.exists():
+        return False
+    try:
+        lock.acquire()
+    except OutputLockedError:
+        return True
+    lock.release()
+    return False
+
+
+def _wait_for_ranks(out: Path, order: Sequence[str], world: int, retry_errors: bool, timeout: float,
+                    grace: float) -> None:
+    """Rank 0: wait until every clip has a record in some shard; fail clearly when the others stop."""
+    last_count, last_progress, dead_since, pause = -1, time.time(), None, 0.2
+    while True:
+        found = _saved(out)
+        if retry_errors:
+            found = {k: v for k, v in found.items() if v.get("status") != "error"}
+        missing = [(i, clip) for i, clip in enumerate(order) if clip not in found]
+        if not missing:
+            return
+        now = time.time()
+        if len(found) != last_count:
+            last_count, last_progress = len(found), now
+        owing = sorted({i % world for i, _ in missing})
+        alive = [r for r in owing if _writer_alive(shard_path(out, r, world))]
+        dead_since = None if alive else (dead_since or now)
+        stalled = now - last_progress > timeout
+        if stalled or (dead_since is not None and now - dead_since > grace):
+            why = (f"no other rank has written a record for {timeout:.0f} s" if stalled else
+                   f"rank(s) {owing} are not running (no process holds their shard lock)")
+            raise TimeoutError(
+                f"rank 0 gave up waiting: {why}; {len(missing)} clips have no record yet (first: "
+                f"{[c for _, c in missing[:3]]}). Restart the missing rank(s) with the same command (they resume), "
+                f"or rerun with one process: every saved record is kept. (wait_timeout={timeout:.0f} s, "
+                "env NNSIGHT_AV_WAIT_TIMEOUT)")
+        time.sleep(pause)
+        pause = min(2.0, pause * 1.5)
+
+
 def run_clips(
-    records: Sequence[ClipRecord],
+    records: Sequence[ClipRecord | InvalidRecord],
     fn: Callable[[ClipRecord], Mapping[str, Any]],
     out: str | os.PathLike,
     *,
@@ -146,63 +193,75 @@ def run_clips(
     progress: bool = True,
     desc: str = "clips",
     merge: bool = True,
-    wait_timeout: float = 7 * 24 * 3600.0,
+    wait_timeout: float | None = None,
+    settings: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Run ``fn`` on each clip not saved yet, appending each result to the JSONL ``out``.
 
-    ``fn(record)`` returns a JSON-ready dict (its ``id`` is set to the clip's). A
-    `nnsight_av.errors.NNsightAVError` (unreadable media, a clip without audio ...) becomes an
-    error record naming the problem and the run goes on; any other exception stops it
-    (rerun to resume). With several ranks (see `shard_info`) each writes its shard; rank 0
-    merges them once every clip of the data set has a record (it polls the shard files, up
-    to ``wait_timeout`` s).
+    ``fn(record)`` returns a JSON-ready dict (its ``id`` is set to the clip's). Any exception
+    it raises (unreadable media, a clip without audio, a numerical failure ...) becomes an
+    error record naming the problem and the run goes on (KeyboardInterrupt stops it; rerun to
+    resume). An `InvalidRecord` (see `check_dataset`) is saved as an error record without
+    calling ``fn``. One process writes ``out`` at a time (`OutputLock`); ``settings`` (the run's
+    settings and model) are kept beside ``out`` and a resume under others is refused
+    (`SettingsMismatchError`) unless ``overwrite=True``, which starts ``out`` again.
+    With several ranks (see `shard_info`) each writes its shard; rank 0 merges them once every
+    clip of the data set has a record. It waits while the other ranks make progress, and fails
+    with a clear message after ``wait_timeout`` s without a new record (default 3600, or
+    ``NNSIGHT_AV_WAIT_TIMEOUT``), or after 120 s when no other rank is running at all.
     Returns the records of this process's clips, or every record once merged (rank 0 /
     single process), in data set order.
     """
     from tqdm.auto import tqdm
 
     rank, world = shard_info(rank, world_size)
+    timeout = _wait_timeout(wait_timeout)
     out = Path(out)
+    target_path = shard_path(out, rank, world) if world > 1 else out
+    if overwrite and world > 1:
+        raise InputError("overwrite=True (--overwrite) needs a single process; remove the old output and its shard "
+                         "files first, or give another output file")
     order = [r.id for r in records]
-    saved = _saved(out)
-    if retry_errors:
-        saved = {k: v for k, v in saved.items() if v.get("status") != "error"}
-    target = ResultStore(shard_path(out, rank, world) if world > 1 else out)
-    mine = [r for i, r in enumerate(records) if i % world == rank]
-    todo = [r for r in mine if r.id not in saved]
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc if world == 1 else f"{desc} [rank {rank}]",
-               disable=not progress)
-    for record in todo:
-        try:
-            result = dict(fn(record))
-            result["id"] = record.id
-            result.setdefault("status", "ok")
-        except NNsightAVError as error:
-            result = error_record(record.id, error)
-        target.append(result)
-        saved[record.id] = result
-        bar.update(1)
-    bar.close()
-    if world == 1:
-        if merge and _shard_files(out):
-            return merge_shards(out, order)
-        return [saved[i] for i in order if i in saved]
-    if rank != 0 or not merge:
-        return [saved[r.id] for r in mine if r.id in saved]
-    deadline, pause = time.time() + wait_timeout, 0.2
-    while True:
-        found = _saved(out)
+    with contextlib.ExitStack() as stack:
+        if world == 1 or rank == 0:
+            stack.enter_context(OutputLock(out))
+        if world > 1:
+            stack.enter_context(OutputLock(target_path))
+        if overwrite:
+            remove_output(out, _shard_files(out))
+        saved = _saved(out)
+        if settings is not None:
+            check_settings(out, settings, has_records=bool(saved))
         if retry_errors:
-            found = {k: v for k, v in found.items() if v.get("status") != "error"}
-        if set(order) <= set(found):
-            break
-        if time.time() > deadline:
-            missing = [i for i in order if i not in found]
-            raise TimeoutError(f"rank 0 waited {wait_timeout:.0f} s for the other ranks; {len(missing)} clips "
-                               f"have no record yet (first: {missing[:3]})")
-        time.sleep(pause)
-        pause = min(2.0, pause * 1.5)
-    return merge_shards(out, order)
+            saved = {k: v for k, v in saved.items() if v.get("status") != "error"}
+        target = ResultStore(target_path)
+        mine = [r for i, r in enumerate(records) if i % world == rank]
+        todo = [r for r in mine if r.id not in saved]
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo),
+                   desc=desc if world == 1 else f"{desc} [rank {rank}]", disable=not progress)
+        for record in todo:
+            if isinstance(record, InvalidRecord):
+                result = _invalid_record(record)
+            else:
+                try:
+                    result = dict(fn(record))
+                    result["id"] = record.id
+                    result.setdefault("status", "ok")
+                except Exception as error:                      # noqa: BLE001 - a clip's failure is its record
+                    result = error_record(record.id, error)
+            target.append(result)
+            saved[record.id] = result
+            bar.update(1)
+        bar.close()
+        if world == 1:
+            if merge and _shard_files(out):
+                return merge_shards(out, order)
+            return [saved[i] for i in order if i in saved]
+        if rank != 0 or not merge:
+            return [saved[r.id] for r in mine if r.id in saved]
+        _wait_for_ranks(out, order, world, retry_errors, timeout, min(PEER_GRACE, timeout))
+        return merge_shards(out, order)
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,6 +293,84 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
+    def validate(self) -> "PipelineConfig":
+        """Check every setting that needs no model (names, ranges); `InputError` on the first bad one.
+
+        Run before the model loads, so a typo fails the run at once instead of every clip.
+
+        >>> PipelineConfig(site="resid_mid").validate()
+        Traceback (most recent call last):
+        ...
+        nnsight_av.errors.InputError: unknown site 'resid_mid'; choose one of ('input_layernorm', 'resid_pre', \
+'resid_post', 'attn_output', 'mlp_output') (aliases: ['attn', 'before_attn', 'layer_input', 'layer_output', 'mlp', \
+'residual', 'self_attn'])
+        """
+        import difflib
+
+        from .store import require_finite
+        from .tracing import METHODS, TOKEN_SETS, canonical_site
+
+        canonical_site(self.site)
+        names = [self.token_sets] if isinstance(self.token_sets, str) else list(self.token_sets)
+        if not names:
+            raise InputError("token_sets is empty: name at least one token set")
+        for name in names:
+            if name not in TOKEN_SETS:
+                close = difflib.get_close_matches(str(name), TOKEN_SETS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise InputError(f"unknown token set {name!r}{hint}; built-in sets: {list(TOKEN_SETS)}")
+        if self.method not in METHODS:
+            raise InputError(f"unknown tracing method {self.method!r}; choose one of {list(METHODS)}")
+        if self.ablation not in ("raw", "encoder"):
+            raise InputError(f"ablation must be 'raw' or 'encoder', got {self.ablation!r}")
+        if self.split_rule not in ("rank", "sign"):
+            raise InputError(f"split_rule must be 'rank' or 'sign', got {self.split_rule!r}")
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
+                                        or self.window < 1):
+            raise InputError(f"window must be a positive number of layers (or None), got {self.window!r}")
+        require_finite("k_divide", self.k_divide, low=1e-6)
+        if self.tau is not None:
+            require_finite("tau", self.tau, low=0.0)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InputError(f"seed must be an int, got {self.seed!r}")
+        for dims_or_layers, what in ((self.sink_dims, "sink_dims"), (self.layers, "layers")):
+            if dims_or_layers is not None and not all(isinstance(d, int) and not isinstance(d, bool)
+                                                      for d in dims_or_layers):
+                raise InputError(f"{what} must be ints, got {list(dims_or_layers)!r}")
+        return self
+
+    def validate_for(self, model: "AVModel") -> "PipelineConfig":
+        """`validate`, then the settings that need the model: sink dims, layers, window against its sizes."""
+        from .sinks import resolve_sink_dims
+        from .tracing import make_windows
+
+        self.validate()
+        if self.sink_dims is not None:
+            resolve_sink_dims(model, self.sink_dims)
+        make_windows(model.num_layers, self.layers, self.window)
+        if self.window is not None and self.window > model.num_layers:
+            raise InputError(f"window {self.window} is larger than the model's {model.num_layers} layers")
+        return self
+
+    def settings(self, model: "AVModel | None" = None) -> dict[str, Any]:
+        """What a result file records about the run (every setting that changes a record, and the model)."""
+        out = {k: v for k, v in self.to_dict().items() if k not in _NOT_RESULTS}
+        if model is not None:
+            out["model"] = model_identity(model)
+        return out
+
+
+#: Settings that change speed, not records (a resume may change them).
+_NOT_RESULTS = frozenset({"batch_size", "skip_overwritten"})
+
+
+def model_identity(model: "AVModel") -> dict[str, Any]:
+    """What names a model in a result file's settings: checkpoint, adapter and sizes."""
+    return {"checkpoint": str(model.checkpoint), "adapter": model.adapter.name, "layers": int(model.num_layers),
+            "hidden_size": int(model.hidden_size)}
+
 
 def analyze_clip(model: "AVModel", record: ClipRecord, config: PipelineConfig | None = None) -> dict[str, Any]:
     """Sinks + MDS, dominance (av / a / v) and, for a dominant clip, causal tracing; one JSON-ready dict.
@@ -247,6 +384,7 @@ def analyze_clip(model: "AVModel", record: ClipRecord, config: PipelineConfig | 
     from concurrent.futures import ThreadPoolExecutor
 
     from .ablation import ablate
+    from .datasets import max_positions
     from .dominance import dominance_label
     from .options import on_device
     from .tracing import PatchRunner, make_windows, resolve_token_sets, trace_clip
@@ -254,6 +392,10 @@ def analyze_clip(model: "AVModel", record: ClipRecord, config: PipelineConfig | 
     config = config or PipelineConfig()
     options = list(config.options) if config.options is not None else list(record.options)
     clean = on_device(model, record.prepare(model))     # moved once: every analysis below reads it
+    limit = max_positions(model)
+    if limit is not None and len(clean) > limit:
+        raise InputError(f"clip {record.id!r}: {len(clean)} tokens with its media, but the model takes {limit} "
+                         "positions; shorten the clip or lower its fps")
     windows = make_windows(model.num_layers, config.layers, config.window)
     layers = sorted({l for w in windows for l in w})
     runner = PatchRunner(model, config.site, options, skip_overwritten=config.skip_overwritten)
@@ -350,7 +492,7 @@ class PipelineResult:
 
 def trace_dataset(
     model: "AVModel",
-    dataset: "str | os.PathLike | Iterable[Any]",
+    dataset: "str | os.PathLike | Iterable[Any] | DatasetCheck",
     out: str | os.PathLike,
     config: PipelineConfig | None = None,
     *,
@@ -358,18 +500,27 @@ def trace_dataset(
     world_size: int | None = None,
     retry_errors: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
+    wait_timeout: float | None = None,
     **overrides: Any,
 ) -> PipelineResult:
-    """`analyze_clip` over a data set (`read_dataset`), resumable and shardable (`run_clips`).
+    """`analyze_clip` over a data set, resumable and shardable (`run_clips`).
 
-    ``overrides`` set `PipelineConfig` fields (``token_sets=...``, ``window=1`` ...).
+    ``overrides`` set `PipelineConfig` fields (``token_sets=...``, ``window=1`` ...). The
+    settings are checked (`PipelineConfig.validate_for`) and the data set read and checked
+    (`check_dataset`) before any clip runs; invalid records and clips that fail become error
+    records. ``out`` keeps the settings and model it was made with (``<out>.settings.json``):
+    resuming it under others raises `analyses.store.SettingsMismatchError` unless
+    ``overwrite=True`` (which starts it again).
     """
     config = config or PipelineConfig()
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise InputError(f"unknown pipeline setting {key!r}; known: {sorted(config.__dict__)}")
         setattr(config, key, value)
-    records = read_dataset(dataset)
+    config.validate_for(model)
+    records = check_dataset(dataset, model).records
     done = run_clips(records, lambda rec: analyze_clip(model, rec, config), out, rank=rank, world_size=world_size,
-                     retry_errors=retry_errors, progress=progress, desc="trace")
+                     retry_errors=retry_errors, progress=progress, desc="trace", settings=config.settings(model),
+                     overwrite=overwrite, wait_timeout=wait_timeout)
     return PipelineResult(done, config.to_dict())

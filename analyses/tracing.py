@@ -104,6 +104,14 @@ class Condition:
         return self.layers[0]
 
 
+def _clip_key(record: Mapping[str, Any]) -> str:
+    """The clip a JSONL line belongs to: a pipeline record's ``id`` or a saved trace's ``clip``."""
+    key = record.get("id", record.get("clip"))
+    if key is None:
+        raise KeyError("id")
+    return str(key)
+
+
 def window_label(layers: Sequence[int]) -> str:
     """``"3-7"`` for a contiguous window, ``"3"`` for one layer, ``"1,4,9"`` otherwise.
 
@@ -1127,20 +1135,27 @@ class TraceResult:
 
     def save(self, path: str | Path) -> Path:
         """Write JSON (``.json``) or one line per clip (``.jsonl``)."""
+        from .store import write_jsonl
+
         path = Path(path)
         if path.suffix == ".jsonl":
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.to_records()))
+            write_jsonl(path, self.to_records())
         else:
             self.to_json(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "TraceResult":
-        """Read a `save` file, or a pipeline JSONL (its clips with a trace)."""
+        """Read a `save` file, or a pipeline JSONL (its clips with a trace).
+
+        A JSONL is read as every run file is (`analyses.store.read_jsonl`): lines that do not
+        parse are skipped with a warning, and a clip saved twice counts once (its last record).
+        """
+        from .store import read_jsonl
+
         path = Path(path)
         if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            return cls.from_records(records)
+            return cls.from_records(read_jsonl(path, key=_clip_key))
         return cls.from_json(path)
 
     @classmethod
