@@ -160,9 +160,9 @@ def check_media_file(path: str | os.PathLike, what: str, clip: str, kind: str | 
         raise MediaError(f"clip {clip!r}: {what} file {str(path)!r} is empty")
     if path.suffix == ".npy":
         try:
-            with open(path, "rb") as handle:
-                version = np.lib.format.read_magic(handle)
-                shape, _, dtype = np.lib.format._read_array_header(handle, version)  # header only, no data
+            mapped = np.load(path, mmap_mode="r", allow_pickle=False)   # the header; data are not read
+            shape, dtype = mapped.shape, mapped.dtype
+            del mapped
         except (ValueError, OSError, EOFError) as error:
             raise MediaError(f"clip {clip!r}: cannot read {what} array {str(path)!r}: {error}") from None
         if dtype.hasobject:
