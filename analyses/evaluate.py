@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from nnsight_av import AVInputs, AVModel
 
 __all__ = ["CAPTION_PROMPT", "METHODS", "CaptionRecord", "read_caption_dataset", "check_caption_dataset",
-           "write_caption_dataset", "EvalResult", "evaluate", "run_method", "fell_back"]
+           "write_caption_dataset", "EvalResult", "evaluate", "run_method", "fell_back", "check_eval_settings"]
 
 CAPTION_PROMPT = "Describe what you see and hear in a single sentence."
 METHODS = ("greedy", "vcd", "fmd", "asd")
@@ -216,11 +216,7 @@ def _method_kwargs(method: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 def run_method(model: "AVModel", inputs: "AVInputs", method: str, max_new_tokens: int = 64, **kwargs: Any) -> Any:
     """One decoding method by name ("greedy", "vcd", "fmd", "asd") on one prepared input."""
-    from .asd import asd_generate
-    from .decoding import fmd_generate, greedy_generate, vcd_generate
-
-    functions: dict[str, Callable[..., Any]] = {"greedy": greedy_generate, "vcd": vcd_generate,
-                                                "fmd": fmd_generate, "asd": asd_generate}
+    functions = _generators()
     if method not in functions:
         raise InputError(f"unknown decoding method {method!r}; choose from {sorted(functions)}")
     return functions[method](model, inputs, max_new_tokens, **_method_kwargs(method, kwargs))
@@ -345,6 +341,60 @@ class EvalResult:
         return self.table().to_html(index=False, float_format=lambda v: f"{v:.4f}")
 
 
+def check_eval_settings(methods: Sequence[str], method_kwargs: Mapping[str, Any] | None = None,
+                        max_new_tokens: int = 64, limit: int | None = None) -> list[str]:
+    """Check `evaluate`'s settings without a model (names, arguments, ranges); returns the methods, once each.
+
+    >>> check_eval_settings(["greedy", "asdd"])
+    Traceback (most recent call last):
+    ...
+    nnsight_av.errors.InputError: unknown decoding methods ['asdd'] (did you mean 'asd'?); choose from \
+['greedy', 'vcd', 'fmd', 'asd']
+    """
+    import difflib
+
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise InputError("no decoding method given")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), METHODS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(f"unknown decoding methods {unknown}{hint}; choose from {list(METHODS)}")
+    if method_kwargs is not None and not isinstance(method_kwargs, Mapping):
+        raise InputError(f"method_kwargs must map a method to its keyword arguments, got {method_kwargs!r}")
+    extra = dict(method_kwargs or {})
+    bad = sorted(set(extra) - set(methods))
+    if bad:
+        raise InputError(f"method_kwargs for methods that are not run: {bad}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InputError(f"limit must be a positive int, got {limit!r}")
+    for method in methods:
+        kwargs = extra.get(method, {})
+        if not isinstance(kwargs, Mapping):
+            raise InputError(f"method_kwargs[{method!r}] must be a dict, got {kwargs!r}")
+        _check_arguments(method, _method_kwargs(method, kwargs))   # a bad argument fails here, not per clip
+    return methods
+
+
+def _generators() -> dict[str, Callable[..., Any]]:
+    from .asd import asd_generate
+    from .decoding import fmd_generate, greedy_generate, vcd_generate
+
+    return {"greedy": greedy_generate, "vcd": vcd_generate, "fmd": fmd_generate, "asd": asd_generate}
+
+
+def _check_arguments(method: str, kwargs: Mapping[str, Any]) -> None:
+    import inspect
+
+    try:
+        inspect.signature(_generators()[method]).bind(None, None, 1, **kwargs)
+    except TypeError as error:
+        raise InputError(f"method_kwargs[{method!r}]: {error}") from None
+
+
 def _merge_settings(saved: Mapping[str, Any], now: Mapping[str, Any]
                     ) -> tuple[tuple[dict[str, Any], dict[str, Any]], dict[str, Any]]:
     """Compare the model, the token budget and the methods both runs have; store the union of methods."""
@@ -386,22 +436,8 @@ def evaluate(
 
     from .runner import model_identity
 
-    methods = list(dict.fromkeys(methods))
-    if not methods:
-        raise InputError("no decoding method given")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise InputError(f"unknown decoding methods {unknown}; choose from {list(METHODS)}")
+    methods = check_eval_settings(methods, method_kwargs, max_new_tokens, limit)
     extra = dict(method_kwargs or {})
-    bad = sorted(set(extra) - set(methods))
-    if bad:
-        raise InputError(f"method_kwargs for methods that are not run: {bad}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise InputError(f"limit must be a positive int, got {limit!r}")
-    for method in methods:
-        _method_kwargs(method, extra.get(method, {}))          # a bad ASD config fails here, not per clip
     vocab = example_vocabulary() if vocabulary is None else _vocabulary(vocabulary, None)
     records = check_caption_dataset(dataset, model).records
     if limit is not None:

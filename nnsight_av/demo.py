@@ -22,12 +22,18 @@ TOKEN_SETS = ("all", "sink", "random", "cross_modal_sink", "unimodal_sink")
 
 
 def load_model(name: str, device: str = "cpu") -> AVModel:
-    """'tiny' (random weights), 'toy-omni' / 'default' (the shipped trained model), or a checkpoint."""
+    """'tiny' (random weights, said on stderr), 'toy-omni' / 'default' (the shipped trained model), or a
+    checkpoint (a name that is none of these is refused at once, see `nnsight_av.loading.check_model_name`)."""
+    import sys
+
     from . import testing
     from .errors import UnknownModelError
-    from .loading import load
+    from .loading import check_model_name, load
 
+    check_model_name(name)
     if name == "tiny":
+        print("warning: model 'tiny' has random weights: its answers and captions mean nothing (use it to test the "
+              "plumbing; 'toy-omni' is the shipped trained model)", file=sys.stderr)
         model = testing.tiny_model()
     elif name in ("default", "toy-omni"):
         try:
