@@ -72,7 +72,12 @@ def _parse_options(value: Any, where: str) -> tuple[list[str], list[str] | None]
     if isinstance(value, str):
         return list(value), None
     if isinstance(value, Mapping):
+        if not value:
+            raise InputError(f"{where}: 'options' is empty")
         return [str(k) for k in value], [str(v) for v in value.values()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, int)) for v in value):
+        raise InputError(f"{where}: 'options' must be letters (\"AB\" or a list), option names or a dict, "
+                         f"got {value!r}")
     values = [str(v) for v in value]
     if not values:
         raise InputError(f"{where}: 'options' is empty")
@@ -382,6 +387,17 @@ def _rows(path: Path) -> list[tuple[int, Any]]:
     return [(i + 1, row) for i, row in enumerate(data)]
 
 
+def _parse(parse: Any, row: Any, root: Any, index: int) -> Any:
+    """``parse(row, root, index)`` with any failure of a hostile record made an `InputError`."""
+    try:
+        return parse(row, root, index)
+    except NNsightAVError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as error:
+        clip = row.get("id") if isinstance(row, Mapping) else index
+        raise InputError(f"record {clip!r}: {type(error).__name__}: {error}") from None
+
+
 def read_dataset(
     source: "str | os.PathLike | Iterable[Mapping[str, Any] | ClipRecord]",
     *,
@@ -421,7 +437,7 @@ def read_dataset(
         try:
             if isinstance(row, Exception):
                 raise row
-            record = row if isinstance(row, ClipRecord) else ClipRecord.from_dict(row, root, len(records))
+            record = row if isinstance(row, ClipRecord) else _parse(ClipRecord.from_dict, row, root, len(records))
         except NNsightAVError as error:
             if on_error == "raise":
                 text = str(error)

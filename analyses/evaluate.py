@@ -32,7 +32,7 @@ import numpy as np
 from nnsight_av.errors import InputError, NNsightAVError
 
 from .chair import ChairResult, Vocabulary, _vocabulary, chair, example_vocabulary
-from .datasets import MAX_PROMPT_CHARS, DatasetCheck, InvalidRecord, _rows, check_media_file, check_rates
+from .datasets import MAX_PROMPT_CHARS, DatasetCheck, InvalidRecord, _parse, _rows, check_media_file, check_rates
 from .datasets import load_media_file
 from .store import OutputLock, append_jsonl, check_settings, read_jsonl, remove_output, repair_tail, write_jsonl
 
@@ -148,7 +148,7 @@ def read_caption_dataset(path: str | Path, *, on_error: str = "raise") -> "list[
         try:
             if isinstance(row, Exception):
                 raise row
-            record: Any = CaptionRecord.from_dict(row, path.parent, len(records))
+            record: Any = _parse(CaptionRecord.from_dict, row, path.parent, len(records))
         except NNsightAVError as error:
             if on_error == "raise":
                 raise type(error)(f"{place} {line}: {error}") from None
@@ -181,7 +181,7 @@ def check_caption_dataset(
         for i, r in enumerate(dataset):
             try:
                 records.append(r if isinstance(r, (CaptionRecord, InvalidRecord)) else
-                               CaptionRecord.from_dict(r, None, i))
+                               _parse(CaptionRecord.from_dict, r, None, i))
             except NNsightAVError as error:
                 clip = r.get("id") if isinstance(r, Mapping) else None
                 records.append(InvalidRecord.of(str(clip) if clip is not None else f"record {i + 1}", error, i + 1))
