@@ -14,6 +14,7 @@ of a clip share one batched forward.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,5 +215,9 @@ def dominance(
             except Exception as error:                      # noqa: BLE001 - a clip's failure is its record
                 results.append(error_record(record.id, error))
         return DominanceResult(results)
+    from .runner import model_identity
+
+    settings = {"kind": "dominance", "method": method, "correctness": correctness,
+                "options": json.loads(json.dumps(options, default=str)), "model": model_identity(model)}
     return DominanceResult(run_clips(clips, one, out, rank=rank, world_size=world_size, progress=progress,
-                                     desc="dominance"))
+                                     desc="dominance", settings=settings))

@@ -2,8 +2,9 @@
 
 - Every finished clip is appended to the output JSONL at once (flushed and synced), so a
   crash loses at most the clip in flight; rerunning the same command skips every clip
-  whose record is saved (a clip whose media cannot be read gets an error record too, and
-  is not retried unless ``retry_errors=True``).
+  whose record is saved (a clip that fails, or a record that failed `check_dataset`, gets
+  an error record too, and is not retried unless ``retry_errors=True``). The file rules
+  (append-only, one writer, settings recorded beside it) are `analyses.store`'s.
 - Sharding: with ``RANK`` / ``WORLD_SIZE`` set (torchrun and accelerate set them; no
   process group is needed), rank ``r`` of ``w`` takes the clips ``i % w == r`` and writes
   ``<out>.shard<r>of<w>.jsonl``; when all ranks are done, rank 0 merges the shards into

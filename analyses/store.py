@@ -31,7 +31,7 @@ from nnsight_av.errors import InputError, NNsightAVError
 
 __all__ = ["read_jsonl", "JsonlRead", "append_jsonl", "write_jsonl", "repair_tail", "OutputLock", "OutputLockedError",
            "SettingsMismatchError", "settings_path", "check_settings", "settings_diff", "remove_output",
-           "require_finite"]
+           "require_finite", "replace_text"]
 
 
 class OutputLockedError(NNsightAVError, RuntimeError):
@@ -192,10 +192,12 @@ def _sync_dir(folder: Path) -> None:
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> Path:
     """Replace ``path`` with these records, atomically (a temporary file, synced, then `os.replace`)."""
     path = Path(path)
-    return _replace(path, "".join(json.dumps(r) + "\n" for r in records))
+    return replace_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def _replace(path: Path, text: str) -> Path:
+def replace_text(path: str | os.PathLike, text: str) -> Path:
+    """Replace the file at ``path`` with ``text`` atomically (a synced temporary file, then `os.replace`)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as handle:
@@ -330,7 +332,7 @@ def check_settings(
         if has_records:
             warnings.warn(f"{out} has no settings record (an older version wrote it): its records are taken as made "
                           "with the current settings", stacklevel=2)
-        _replace(path, json.dumps(dict(settings), indent=1, sort_keys=True))
+        replace_text(path, json.dumps(dict(settings), indent=1, sort_keys=True))
         return
     compare_saved, compare_now, store = saved, dict(settings), dict(settings)
     if merge is not None:
@@ -342,7 +344,7 @@ def check_settings(
             + "\nrerun with the saved settings, give another output file, or pass --overwrite "
               "(overwrite=True) to start it again")
     if store != saved:
-        _replace(path, json.dumps(store, indent=1, sort_keys=True))
+        replace_text(path, json.dumps(store, indent=1, sort_keys=True))
 
 
 def require_finite(name: str, value: Any, low: float | None = None, high: float | None = None,

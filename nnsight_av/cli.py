@@ -215,6 +215,7 @@ def trace_command(
 
     from analyses.datasets import check_dataset
     from analyses.runner import PipelineConfig, shard_info, trace_dataset
+    from analyses.store import replace_text
 
     with _errors(debug):
         name = _model_name(model)
@@ -235,7 +236,7 @@ def trace_command(
             return
         summary = result.summary()
         summary_path = out.with_name(out.stem + ".summary.json")
-        summary_path.write_text(json.dumps({"config": result.config, **summary}, indent=1))
+        replace_text(summary_path, json.dumps({"config": result.config, **summary}, indent=1))
         typer.echo(f"clips: {summary['clips']}  errors: {summary['errors']}  dominance: {summary['dominance']}")
         trace = result.trace
         if trace is not None:

@@ -128,6 +128,8 @@ def load(
         warnings.warn("model 'tiny' has random weights: its outputs test the plumbing, they mean nothing",
                       stacklevel=2)
         return tiny_model()
+    if id_or_path in KNOWN_MODELS:
+        raise UnknownModelError(f"{id_or_path!r} is a known model name, but this install has no loader for it")
     trust = bool(hf_kwargs.pop("trust_remote_code", False))
     if trust:
         hf_kwargs["trust_remote_code"] = True        # only passed on when asked: adapters' loaders need not know it
