@@ -394,6 +394,27 @@ def test_toy_dataset_runs_through_trace(tmp_path):
     assert [r["status"] for r in records] == ["ok", "ok"] and "errors: 0" in result.output
 
 
+def test_cli_exit_codes_for_model_settings_and_failed_clips(tmp_path):
+    from nnsight_av.cli import EXIT_CLIPS_FAILED, app
+
+    rows = clip_files(tmp_path, 1)
+    data = jsonl(tmp_path / "clips.jsonl", [{**rows[0], "prompt": "Which?", "options": "ABCD"},
+                                            {"id": "gone", "video": "gone.npy", "prompt": "Which?", "options": "AB"}])
+    out = tmp_path / "out.jsonl"
+    runner = CliRunner()
+    dims = runner.invoke(app, ["trace", str(data), "--model", "tiny", "--out", str(out), "--sink-dims", "9999"])
+    assert dims.exit_code == 2 and "sink dims [9999] are out of range" in dims.output and not out.exists()
+    args = ["trace", str(data), "--model", "tiny", "--out", str(out), "--token-sets", "all,sink", "--sink-dims",
+            "0,1", "--tau", "2"]
+    failed = runner.invoke(app, args)
+    assert failed.exit_code == EXIT_CLIPS_FAILED, failed.output
+    assert "1 of 2 records are invalid" in failed.output and "1 of 2 clips failed (first: gone" in failed.output
+    other = runner.invoke(app, args[:-1] + ["3"])                     # another tau: refused, differences listed
+    assert other.exit_code == 2 and "tau: 2.0 (saved) != 3.0 (now)" in other.output
+    assert len(read_jsonl(out, key="id")) == 2
+    FIGURES["bad_inputs"] += 3
+
+
 def test_asd_fallback_is_shown_with_the_results():
     from analyses.chair import example_vocabulary
 
