@@ -324,6 +324,8 @@ class EvalResult:
         """One row per clip, one column per method."""
         import pandas as pd
 
+        if not self.ok:
+            return pd.DataFrame(index=pd.Index([], name="id"))
         frame = pd.DataFrame(self.ok)
         return frame.pivot(index="id", columns="method", values="caption")
 

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import time
 from dataclasses import dataclass, field
@@ -84,14 +85,14 @@ def _shard_files(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f"{out.stem}.shard*of*{out.suffix or '.jsonl'}"))
 
 
-def _saved(out: Path) -> dict[str, dict[str, Any]]:
+def _saved(out: Path, warn: bool = True) -> dict[str, dict[str, Any]]:
     """Every saved record for ``out``: the merged file and any shard files (of any world size).
 
     A clip saved twice (an error record, then a retry) keeps its last record.
     """
     found: dict[str, dict[str, Any]] = {}
     for path in [out] + _shard_files(out):
-        for record in read_jsonl(path, key="id"):
+        for record in read_jsonl(path, key="id", warn=warn):
             found[str(record["id"])] = record
     return found
 
@@ -158,7 +159,7 @@ def _wait_for_ranks(out: Path, order: Sequence[str], world: int, retry_errors: b
     """Rank 0: wait until every clip has a record in some shard; fail clearly when the others stop."""
     last_count, last_progress, dead_since, pause = -1, time.time(), None, 0.2
     while True:
-        found = _saved(out)
+        found = _saved(out, warn=False)            # another rank may be halfway through writing a line
         if retry_errors:
             found = {k: v for k, v in found.items() if v.get("status") != "error"}
         missing = [(i, clip) for i, clip in enumerate(order) if clip not in found]
@@ -336,10 +337,16 @@ class PipelineConfig:
             raise InputError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InputError(f"seed must be an int, got {self.seed!r}")
-        for dims_or_layers, what in ((self.sink_dims, "sink_dims"), (self.layers, "layers")):
-            if dims_or_layers is not None and not all(isinstance(d, int) and not isinstance(d, bool)
-                                                      for d in dims_or_layers):
-                raise InputError(f"{what} must be ints, got {list(dims_or_layers)!r}")
+        for what in ("sink_dims", "layers"):
+            values = getattr(self, what)
+            if values is None:
+                continue
+            try:
+                if isinstance(values, (str, bytes)) or any(isinstance(v, bool) for v in values):
+                    raise TypeError
+                setattr(self, what, [operator.index(v) for v in values])    # numpy / torch ints become ints
+            except TypeError:
+                raise InputError(f"{what} must be a list of ints, got {values!r}") from None
         return self
 
     def validate_for(self, model: "AVModel") -> "PipelineConfig":
