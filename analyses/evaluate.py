@@ -79,7 +79,7 @@ class CaptionRecord:
             objects = [objects]
         if not isinstance(objects, (list, tuple)) or not all(isinstance(o, str) for o in objects):
             raise InputError(f"{where}: 'objects' must be a list of object names (strings), got {objects!r}")
-        video, audio = data.get("video"), data.get("audio")
+        video, audio = data.get("video", data.get("video_path")), data.get("audio", data.get("audio_path"))
         if video is None and audio is None:
             raise InputError(f"{where}: no 'video' and no 'audio'")
         for name, value in (("video", video), ("audio", audio)):
@@ -91,7 +91,8 @@ class CaptionRecord:
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InputError(f"{where}: the prompt has {len(prompt)} characters (at most {MAX_PROMPT_CHARS})")
         fps, rate = check_rates(data, where)
-        known = {"id", "objects", "ground_truth", "video", "audio", "prompt", "fps", "audio_rate"}
+        known = {"id", "objects", "ground_truth", "video", "audio", "video_path", "audio_path", "prompt", "fps",
+                 "audio_rate"}
         return cls(clip_id, list(objects), video, audio, prompt, fps, rate, str(root) if root is not None else None,
                    {k: v for k, v in data.items() if k not in known})
 

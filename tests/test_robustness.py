@@ -392,6 +392,8 @@ def test_toy_dataset_runs_through_trace(tmp_path):
     assert result.exit_code == 0, result.output
     records = read_jsonl(out, key="id")
     assert [r["status"] for r in records] == ["ok", "ok"] and "errors: 0" in result.output
+    captions = toy.write_dataset(toy.make_dataset(2, seed=0, task="caption"), tmp_path / "toy", name="caps.jsonl")
+    assert not check_caption_dataset(captions).invalid                 # video_path / audio_path, nouns as objects
 
 
 def test_cli_exit_codes_for_model_settings_and_failed_clips(tmp_path):
