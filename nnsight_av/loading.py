@@ -15,7 +15,7 @@ __all__ = ["load", "KNOWN_MODELS", "DEFAULT_MODEL", "check_model_name"]
 #: The model names nnsight-av knows without a path or hub id (the one list the CLI and `load` use).
 KNOWN_MODELS: dict[str, str] = {
     "toy-omni": "the small trained toy model shipped with the package (offline)",
-    "smol-omni": "a small pretrained audio-visual model",
+    "smol-omni": "SmolLM2-135M as a Qwen2.5-Omni thinker's language model (weights: nnsight-av fetch smol-omni)",
     "tiny": "random weights, for testing the plumbing only (its answers mean nothing)",
 }
 #: The model a command uses when none is named: the best one shipped with the package.
