@@ -30,20 +30,24 @@ Importing this module registers the matched sets as token sets of `causal_trace`
 pipeline / ``nnsight-av trace --token-sets``): ``random_<match>`` is matched to ``sink``,
 ``random_<match>_cross_modal_sink`` / ``random_<match>_unimodal_sink`` to the MDS halves.
 
-`length_control` runs the sink-vs-matched comparison on clips of several lengths.
+`length_control` runs the sink-vs-matched comparison on clips of several lengths;
+`planted_route` builds a known ground truth (a route through chosen tokens) to check that
+a tracing setup finds it.
 """
 
 from __future__ import annotations
 
 import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from nnsight_av.adapters.base import get_module
 from nnsight_av.errors import InputError, TokenSelectionError
 
 from .tracing import TraceResult, register_token_set
@@ -56,7 +60,7 @@ if TYPE_CHECKING:
     from nnsight_av.spans import Spans
 
 __all__ = ["MATCHES", "ON_SHORT", "ControlWarning", "matched_random_positions", "strata", "match_report",
-           "MATCHED_TOKEN_SETS", "LengthControlResult", "length_control", "toy_length_pairs"]
+           "MATCHED_TOKEN_SETS", "LengthControlResult", "length_control", "toy_length_pairs", "planted_route"]
 
 MATCHES = ("count", "modality", "chunk", "position", "rank")
 ON_SHORT = ("nearest", "shrink", "error")
@@ -326,6 +330,86 @@ for _match in MATCHES[1:]:
         _name = f"random_{_match}" if _reference == "sink" else f"random_{_match}_{_reference}"
         MATCHED_TOKEN_SETS[_name] = (_match, _reference)
         register_token_set(_name, _builder(_match), _reference)
+
+
+# ---------------------------------------------------------------------------------------
+# a positive control: a planted route
+# ---------------------------------------------------------------------------------------
+_ENCODER = {"audio": "audio_encoder", "video": "vision_encoder"}
+
+
+@contextmanager
+def planted_route(model: "AVModel", item: "AVInputs", route: Any, *, source: str = "audio", gain: float = 30.0,
+                  seed: int = 0) -> Iterator[torch.Tensor]:
+    """Inside the block, ``source``'s presence reaches the answer only through the ``route`` tokens.
+
+    ``route``: positions of ``item``'s tokens of the other modality (the carrier). In every
+    forward, the ``source`` encoder's output is zeroed (its tokens carry nothing), and the
+    carrier's encoder output at the route rows gets ``gain * u`` (``u`` a seeded unit vector)
+    when the ``source`` input is not blank (digital silence / black frames give constant
+    features). A clean run and its ``source``-removed corruption (`ablate`) then differ in
+    their input embeddings at the route positions only, so:
+
+    - patching the route at ``resid_pre`` of layer 0 (or at ``input_layernorm`` of every
+      layer) restores the clean run exactly: IE_clean = P_clean[o_clean] - P_corrupt[o_clean];
+    - patching a set disjoint from the route at ``resid_pre`` of layer 0 changes nothing (0).
+
+    A tracing setup (site, token sets, controls) that does not find such a route cannot be
+    trusted to find a real one. Yields the unit vector. Forwards must hold one input at a
+    time (`causal_trace` runs are); a batched forward raises `InputError`.
+
+    >>> import nnsight_av as nav
+    >>> from analyses import ablate, causal_trace
+    >>> model = nav.testing.tiny_model()
+    >>> ex = model.prepare(video=nav.testing.synthetic_frames(4.0, 2, 56), audio=nav.testing.synthetic_tone(4.0))
+    >>> route = ex.spans.video[[2, 9, 13]]
+    >>> with planted_route(model, ex, route):
+    ...     res = causal_trace(model, ex, ablate(ex, "audio", model), "AB", token_sets={"route": route,
+    ...                        "other": ex.spans.video[[3, 10, 12]]}, site="resid_pre", layers=[0], progress=False)
+    >>> effects = res.effects.set_index("token_set")["ie_clean"]
+    >>> float(effects["other"]), float(effects["route"]) != 0.0
+    (0.0, True)
+    """
+    if source not in _ENCODER:
+        raise InputError(f"source must be 'audio' or 'video', got {source!r}")
+    carrier = "video" if source == "audio" else "audio"
+    base = getattr(item.spans, carrier).long().cpu()
+    positions = torch.as_tensor(route.tolist() if torch.is_tensor(route) else list(route), dtype=torch.long)
+    rows = torch.searchsorted(base, positions)
+    if positions.numel() == 0 or bool((rows >= base.numel()).any()) or not torch.equal(base[rows.clamp(max=max(
+            base.numel() - 1, 0))], positions):
+        raise TokenSelectionError(f"route must be a non-empty set of this input's {carrier} token positions")
+    paths = model.adapter.paths
+    if not paths.get(_ENCODER[source]) or not paths.get(_ENCODER[carrier]):
+        raise InputError("planted_route needs a model with both an audio and a vision encoder")
+    source_module = get_module(model._module, paths[_ENCODER[source]])
+    carrier_module = get_module(model._module, paths[_ENCODER[carrier]])
+    u = torch.nn.functional.normalize(torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(seed)),
+                                      dim=0)
+    state: dict[str, float] = {}
+
+    def on_source(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        features = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
+        state["on"] = float(features.float().std() > 1e-6)
+        model.adapter.encoder_tokens(_ENCODER[source], output).zero_()
+
+    def on_carrier(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        tokens = model.adapter.encoder_tokens(_ENCODER[carrier], output)
+        if tokens.shape[0] != base.numel():
+            raise InputError(f"planted_route: this forward has {tokens.shape[0]} {carrier} tokens, the input "
+                             f"{base.numel()}; run one input per forward inside the block")
+        if "on" not in state:
+            raise InputError(f"planted_route: the {carrier} encoder ran before the {source} encoder; "
+                             f"plant the route with source={carrier!r} instead")
+        tokens[rows.to(tokens.device)] += gain * state.pop("on") * u.to(tokens.device, tokens.dtype)
+
+    handles = [source_module.register_forward_hook(on_source, with_kwargs=True),
+               carrier_module.register_forward_hook(on_carrier)]
+    try:
+        yield u
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ---------------------------------------------------------------------------------------
