@@ -17,3 +17,4 @@ from .asd import ASDConfig, ASDOutput, asd_generate, asd_sink_sets, strength_sch
 from .chair import ChairResult, Vocabulary, chair, example_vocabulary, load_vocabulary
 from .evaluate import CaptionRecord, EvalResult, evaluate, read_caption_dataset, write_caption_dataset
 from .controls import LengthControlResult, length_control, match_report, matched_random_positions, strata
+from .asd_cost import ASDCostResult, asd_cost, mixed_letter_probs

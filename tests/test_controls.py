@@ -229,3 +229,109 @@ def test_toy_clip_length_keeps_default_clips():
     assert np.array_equal(toy.make_dataset(3, seed=5)[1].audio, default[1].audio)
     with pytest.raises(InputError, match="seconds"):
         toy.make_dataset(1, seconds=-1.0)
+
+
+# -- ASD: what it costs besides hallucinations -------------------------------------------------------------------
+from analyses import ASDConfig, ASDCostResult, asd_cost, mixed_letter_probs  # noqa: E402
+
+TINY_ASD = dict(sink_dims=(0, 5), tau=1.5, boost_start=1, target_start=2)
+
+
+@pytest.fixture(scope="module")
+def toy_mc():
+    from nnsight_av import toy
+
+    return toy.make_dataset(3, seed=0, task="mc", seconds=2.0)
+
+
+def test_mixed_letter_probs_modes(tiny, toy_mc):
+    from nnsight_av import toy
+
+    letters = list(toy.LETTERS[:10])
+    ex = toy_mc[0].prepare(tiny)
+    out = mixed_letter_probs(tiny, ex, letters, ASDConfig(**TINY_ASD, alpha=5.0))
+    probs = out["probs"]
+    # greedy: the letter probabilities of one plain forward
+    assert torch.allclose(probs["greedy"], option_probs(tiny, [ex], letters)[0], atol=1e-5)
+    # ASD never alters the first token (s_1 = 0): the same distribution as greedy
+    assert out["strength"]["asd"] == 0.0 and torch.equal(probs["asd"], probs["greedy"])
+    assert out["strength"]["guided"] == 1.0 and not torch.allclose(probs["guided"], probs["greedy"])
+    assert 0.0 <= out["strength"]["asd_target"] <= 0.6
+    # with s_1 = 1 the ASD letter is the guided pass's
+    first = mixed_letter_probs(tiny, ex, letters, ASDConfig(**TINY_ASD, alpha=5.0, first_strength=1.0))
+    assert torch.allclose(first["probs"]["asd"], probs["guided"], atol=1e-6)
+    # no sink to boost: every mode is greedy, and it says why
+    none = mixed_letter_probs(tiny, ex, letters, sinks={})
+    assert none["fallback"] and all(torch.equal(p, none["probs"]["greedy"]) for p in none["probs"].values())
+
+
+def test_asd_cost_end_to_end(tiny, toy_mc, tmp_path):
+    from nnsight_av import toy
+
+    captions = toy.make_dataset(2, seed=0, task="caption", seconds=2.0)
+    res = asd_cost(tiny, mc=toy_mc, captions=captions, methods=["greedy", "asd", "vcd"],
+                   config=ASDConfig(**TINY_ASD, alpha=5.0), vocabulary=sorted(toy.OBJECT_WORDS), max_new_tokens=6,
+                   progress=False)
+    assert set(res.mc["method"]) == {"greedy", "asd", "asd_target", "guided", "vcd"}
+    assert len(res.mc) == 3 * 5 and len(res.captions) == 2 * 3
+    greedy = res.mc[res.mc["method"] == "greedy"].set_index("clip")
+    asd = res.mc[res.mc["method"] == "asd"].set_index("clip")
+    assert (greedy["predicted"] == asd["predicted"]).all()
+    table = res.table().set_index("method")
+    assert table.loc["greedy", "mc_accuracy"] == greedy["correct"].mean()
+    assert np.isnan(table.loc["guided", "coverage"]) and table.loc["asd", "caption_clips"] == 2
+    for row in res.captions.itertuples():
+        assert set(row.covered) | set(row.missed) == set(row.ground_truth)
+        assert row.coverage == pytest.approx(len(row.covered) / len(row.ground_truth))
+    # errors and fixes are exactly the differences from greedy
+    changes = res.changes()
+    guided = res.mc[res.mc["method"] == "guided"].set_index("clip")
+    flips = int((greedy["correct"] & ~guided["correct"]).sum())
+    assert int(((changes["method"] == "guided") & (changes["kind"] == "wrong_letter")
+                & (changes["direction"] == "introduced")).sum()) == flips
+    assert table.loc["guided", "errors_introduced"] == flips
+    assert "note: ASD's first-token strength s_1 is 0" in res.summary()
+    again = ASDCostResult.load(res.save(tmp_path / "cost.json"))
+    assert again.table().equals(res.table()) and again.captions["covered"].tolist() == res.captions["covered"].tolist()
+    fig = res.plot()
+    assert [ax.get_title() for ax in fig.axes] == ["answers", "captions"]
+
+
+def test_asd_cost_error_bookkeeping():
+    import pandas as pd
+
+    mc = pd.DataFrame([
+        {"clip": "a", "method": "greedy", "answer": "A", "predicted": "A", "correct": True, "p_answer": .9, "strength": 0.},
+        {"clip": "a", "method": "asd_target", "answer": "A", "predicted": "B", "correct": False, "p_answer": .3,
+         "strength": .4},
+        {"clip": "b", "method": "greedy", "answer": "B", "predicted": "A", "correct": False, "p_answer": .2, "strength": 0.},
+        {"clip": "b", "method": "asd_target", "answer": "B", "predicted": "B", "correct": True, "p_answer": .6,
+         "strength": .4}])
+    row = lambda method, caption, covered, missed, hallucinated: {  # noqa: E731
+        "clip": "c", "method": method, "caption": caption, "ground_truth": ["dog", "cat"],
+        "mentioned": covered + hallucinated, "covered": covered, "missed": missed, "hallucinated": hallucinated,
+        "coverage": len(covered) / 2, "exact": not missed and not hallucinated}
+    captions = pd.DataFrame([row("greedy", "a dog and a cat and a cow", ["dog", "cat"], [], ["cow"]),
+                             row("asd", "a dog and a pig", ["dog"], ["cat"], ["pig"])])
+    res = ASDCostResult(mc, captions)
+    errors = res.errors()
+    assert sorted(zip(errors["kind"], errors["detail"])) == [("lost_object", "cat"), ("new_hallucination", "pig"),
+                                                              ("wrong_letter", "answer A")]
+    fixed = res.changes().query("direction == 'fixed'")
+    assert sorted(zip(fixed["kind"], fixed["detail"])) == [("new_hallucination", "cow"), ("wrong_letter", "answer B")]
+    table = res.table().set_index("method")
+    assert table.loc["asd", "errors_introduced"] == 2 and table.loc["asd_target", "errors_fixed"] == 1
+    assert table.loc["greedy", "CHAIR_i"] == pytest.approx(1 / 3) and table.loc["asd", "coverage"] == 0.5
+
+
+def test_asd_cost_bad_input(tiny, toy_mc):
+    with pytest.raises(InputError, match="nothing to evaluate"):
+        asd_cost(tiny, progress=False)
+    with pytest.raises(InputError, match="methods"):
+        asd_cost(tiny, mc=toy_mc, methods=["beam"], progress=False)
+    with pytest.raises(InputError, match="mc_modes"):
+        asd_cost(tiny, mc=toy_mc, mc_modes=["boosted"], progress=False)
+    with pytest.raises(InputError, match="knows none"):
+        asd_cost(tiny, captions=[{"inputs": None, "objects": ["triangle"]}], progress=False)
+    with pytest.raises(InputError, match="needs options"):
+        asd_cost(tiny, mc=[object()], progress=False)
