@@ -125,7 +125,8 @@ def strata(item: Any, positions: Any, match: str = "chunk", bins: int = 10) -> d
     """How many of ``positions`` fall in each stratum of ``match`` (see the module text).
 
     Keys are ``(modality, index)``: the chunk index for ``"chunk"``, the position bin for
-    ``"position"``, ``0`` for ``"modality"``; ``("any", 0)`` for ``"count"``.
+    ``"position"`` (and for ``"rank"``, whose strata are single tokens), ``0`` for
+    ``"modality"``; ``("any", 0)`` for ``"count"``.
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()

@@ -335,3 +335,20 @@ def test_asd_cost_bad_input(tiny, toy_mc):
         asd_cost(tiny, captions=[{"inputs": None, "objects": ["triangle"]}], progress=False)
     with pytest.raises(InputError, match="needs options"):
         asd_cost(tiny, mc=[object()], progress=False)
+
+
+def test_matched_sets_in_the_pipeline(tiny, tmp_path):
+    import json
+
+    from analyses import trace_dataset
+
+    np.save(tmp_path / "f.npy", nav.testing.synthetic_frames(4.0, 2, 56))
+    np.save(tmp_path / "w.npy", nav.testing.synthetic_tone(4.0))
+    record = {"id": "c0", "video": "f.npy", "audio": "w.npy", "fps": 2, "prompt": PROMPT, "options": "ABCD",
+              "dominant": "audio"}
+    (tmp_path / "clips.jsonl").write_text(json.dumps(record) + "\n")
+    run = trace_dataset(tiny, tmp_path / "clips.jsonl", tmp_path / "trace.jsonl", sink_dims=[0, 1], tau=2.0,
+                        token_sets=("sink", "random_position", "random_chunk_unimodal_sink"), progress=False)
+    sets = run.trace.clips["c0"]["token_sets"]
+    assert len(sets["random_position"]) == len(sets["sink"]) and not set(sets["random_position"]) & set(sets["sink"])
+    assert "random_chunk_unimodal_sink" in sets
