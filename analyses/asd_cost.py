@@ -129,6 +129,16 @@ def _caption_item(record: Any, index: int) -> tuple[str, Any, list[str]]:
     return str(getattr(record, "id", f"cap{index}")), record.prepare, [str(o) for o in objects]
 
 
+def _faults(missed: Sequence[str], hallucinated: Sequence[str]) -> str:
+    """What keeps a caption from being exact.
+
+    >>> _faults(["cat"], ["pig"])
+    'missed cat; hallucinated pig'
+    """
+    parts = [f"missed {o}" for o in missed] + [f"hallucinated {o}" for o in hallucinated]
+    return "; ".join(parts) or "no ground-truth object known"
+
+
 def _first_letter(text: str, letters: Sequence[str]) -> str | None:
     word = text.strip().split()[0].strip(".:)") if text.strip() else ""
     return word if word in letters else None
@@ -157,7 +167,8 @@ class ASDCostResult(JsonResult):
         return list(dict.fromkeys(list(self.mc["method"]) + list(self.captions["method"])))
 
     def table(self, baseline: str = "greedy") -> "pd.DataFrame":
-        """Per method: MC accuracy, caption coverage, CHAIR_s / CHAIR_i, exact captions, errors introduced / fixed."""
+        """Per method: MC accuracy, caption coverage, CHAIR_s / CHAIR_i, exact captions, and against ``baseline``:
+        answers and exact captions broken / fixed, ground-truth objects lost, hallucinations added."""
         import pandas as pd
 
         changes = self.changes(baseline) if baseline in self.methods else None
@@ -176,17 +187,26 @@ class ASDCostResult(JsonResult):
                    "exact": float(cap["exact"].mean()) if len(cap) else float("nan")}
             if changes is not None:
                 mine = changes[changes["method"] == method]
-                row["errors_introduced"] = int((mine["direction"] == "introduced").sum())
-                row["errors_fixed"] = int((mine["direction"] == "fixed").sum())
+                count = lambda kind, direction: int(((mine["kind"] == kind)  # noqa: E731
+                                                     & (mine["direction"] == direction)).sum())
+                row.update({"answers_broken": count("wrong_letter", "introduced"),
+                            "answers_fixed": count("wrong_letter", "fixed"),
+                            "captions_broken": count("wrong_caption", "introduced"),
+                            "captions_fixed": count("wrong_caption", "fixed"),
+                            "objects_lost": count("lost_object", "introduced"),
+                            "hallucinations_added": count("new_hallucination", "introduced")})
             rows.append(row)
         return pd.DataFrame(rows)
 
     def changes(self, baseline: str = "greedy") -> "pd.DataFrame":
         """Every difference from ``baseline`` that is an error introduced or fixed, one row each.
 
-        ``kind``: ``wrong_letter`` (MC), ``lost_object`` (a ground-truth object the baseline named
-        and the method does not), ``new_hallucination`` (a hallucinated object the baseline did
-        not name); ``direction``: ``introduced`` or ``fixed`` (the same kinds, the other way).
+        ``kind``: ``wrong_letter`` (an answer the baseline had right and the method has wrong),
+        ``wrong_caption`` (a caption the baseline had exact, every ground-truth object named and
+        nothing hallucinated, and the method's is not; ``detail`` says why), ``lost_object`` (a
+        ground-truth object the baseline named and the method does not), ``new_hallucination``
+        (a hallucinated object the baseline did not name); ``direction``: ``introduced``, or
+        ``fixed`` for the same kinds the other way round.
         """
         import pandas as pd
 
@@ -207,6 +227,12 @@ class ASDCostResult(JsonResult):
             if r.clip not in base_cap.index:
                 continue
             b = base_cap.loc[r.clip]
+            if bool(b["exact"]) != bool(r.exact):
+                wrong = (r.missed, r.hallucinated) if b["exact"] else (b["missed"], b["hallucinated"])
+                what = _faults(*wrong)
+                rows.append({"clip": r.clip, "method": r.method, "task": "caption", "kind": "wrong_caption",
+                             "direction": "introduced" if b["exact"] else "fixed", "detail": what,
+                             "baseline_output": b["caption"], "output": r.caption})
             diffs = [("lost_object", "introduced", sorted(set(b["covered"]) - set(r.covered))),
                      ("lost_object", "fixed", sorted(set(r.covered) - set(b["covered"]))),
                      ("new_hallucination", "introduced", sorted(set(r.hallucinated) - set(b["hallucinated"]))),
@@ -235,8 +261,12 @@ class ASDCostResult(JsonResult):
                 text += f" MC accuracy {r.mc_accuracy:.3f}"
             if r.caption_clips:
                 text += f" | coverage {r.coverage:.3f}, CHAIR_s {r.CHAIR_s:.3f}, CHAIR_i {r.CHAIR_i:.3f}"
-            if hasattr(r, "errors_introduced") and r.method != baseline:
-                text += f" | errors introduced {r.errors_introduced}, fixed {r.errors_fixed}"
+            if hasattr(r, "answers_broken") and r.method != baseline:
+                if r.mc_clips:
+                    text += f" | answers broken {r.answers_broken}, fixed {r.answers_fixed}"
+                if r.caption_clips:
+                    text += (f" | captions broken {r.captions_broken}, fixed {r.captions_fixed}; objects lost "
+                             f"{r.objects_lost}, hallucinations added {r.hallucinations_added}")
             lines.append(text)
         if "asd" in set(self.mc["method"]):
             s1 = self.mc.loc[self.mc["method"] == "asd", "strength"]

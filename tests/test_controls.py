@@ -289,7 +289,7 @@ def test_asd_cost_end_to_end(tiny, toy_mc, tmp_path):
     flips = int((greedy["correct"] & ~guided["correct"]).sum())
     assert int(((changes["method"] == "guided") & (changes["kind"] == "wrong_letter")
                 & (changes["direction"] == "introduced")).sum()) == flips
-    assert table.loc["guided", "errors_introduced"] == flips
+    assert table.loc["guided", "answers_broken"] == flips
     assert "note: ASD's first-token strength s_1 is 0" in res.summary()
     again = ASDCostResult.load(res.save(tmp_path / "cost.json"))
     assert again.table().equals(res.table()) and again.captions["covered"].tolist() == res.captions["covered"].tolist()
@@ -320,7 +320,15 @@ def test_asd_cost_error_bookkeeping():
     fixed = res.changes().query("direction == 'fixed'")
     assert sorted(zip(fixed["kind"], fixed["detail"])) == [("new_hallucination", "cow"), ("wrong_letter", "answer B")]
     table = res.table().set_index("method")
-    assert table.loc["asd", "errors_introduced"] == 2 and table.loc["asd_target", "errors_fixed"] == 1
+    assert table.loc["asd", "objects_lost"] == 1 and table.loc["asd", "hallucinations_added"] == 1
+    assert table.loc["asd_target", "answers_broken"] == 1 and table.loc["asd_target", "answers_fixed"] == 1
+    # a caption greedy had exact and the method has not: listed with what went wrong
+    exact = captions.copy()
+    exact.loc[0] = row("greedy", "a dog and a cat", ["dog", "cat"], [], [])
+    broken = ASDCostResult(mc, exact).errors().query("kind == 'wrong_caption'")
+    assert broken["detail"].tolist() == ["missed cat; hallucinated pig"]
+    assert broken["output"].tolist() == ["a dog and a pig"] and broken["baseline_output"].tolist() == ["a dog and a cat"]
+    assert ASDCostResult(mc, exact).table().set_index("method").loc["asd", "captions_broken"] == 1
     assert table.loc["greedy", "CHAIR_i"] == pytest.approx(1 / 3) and table.loc["asd", "coverage"] == 0.5
 
 
