@@ -49,6 +49,11 @@ __all__ = ["MC_MODES", "mixed_letter_probs", "asd_cost", "ASDCostResult"]
 #: How the ASD letter is read (module text): strength 0, s_1, the first target, 1.
 MC_MODES = ("greedy", "asd", "asd_target", "guided")
 _MC_COLUMNS = ["clip", "method", "answer", "predicted", "correct", "p_answer", "strength"]
+#: Columns of `ASDCostResult.table` counting `ASDCostResult.changes` rows of one (kind, direction).
+_CHANGE_COLUMNS = {"answers_broken": ("wrong_letter", "introduced"), "answers_fixed": ("wrong_letter", "fixed"),
+                   "captions_broken": ("wrong_caption", "introduced"), "captions_fixed": ("wrong_caption", "fixed"),
+                   "objects_lost": ("lost_object", "introduced"),
+                   "hallucinations_added": ("new_hallucination", "introduced")}
 _CAPTION_COLUMNS = ["clip", "method", "caption", "ground_truth", "mentioned", "covered", "missed", "hallucinated",
                     "coverage", "exact"]
 
@@ -186,15 +191,9 @@ class ASDCostResult(JsonResult):
                    "CHAIR_i": (hallucinated / mentioned if mentioned else 0.0) if len(cap) else float("nan"),
                    "exact": float(cap["exact"].mean()) if len(cap) else float("nan")}
             if changes is not None:
-                mine = changes[changes["method"] == method]
-                count = lambda kind, direction: int(((mine["kind"] == kind)  # noqa: E731
-                                                     & (mine["direction"] == direction)).sum())
-                row.update({"answers_broken": count("wrong_letter", "introduced"),
-                            "answers_fixed": count("wrong_letter", "fixed"),
-                            "captions_broken": count("wrong_caption", "introduced"),
-                            "captions_fixed": count("wrong_caption", "fixed"),
-                            "objects_lost": count("lost_object", "introduced"),
-                            "hallucinations_added": count("new_hallucination", "introduced")})
+                counts = changes[changes["method"] == method].groupby(["kind", "direction"]).size()
+                for column, key in _CHANGE_COLUMNS.items():
+                    row[column] = int(counts.get(key, 0))
             rows.append(row)
         return pd.DataFrame(rows)
 

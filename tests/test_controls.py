@@ -307,7 +307,7 @@ def test_asd_cost_error_bookkeeping():
         {"clip": "b", "method": "greedy", "answer": "B", "predicted": "A", "correct": False, "p_answer": .2, "strength": 0.},
         {"clip": "b", "method": "asd_target", "answer": "B", "predicted": "B", "correct": True, "p_answer": .6,
          "strength": .4}])
-    row = lambda method, caption, covered, missed, hallucinated: {  # noqa: E731
+    row = lambda method, caption, covered, missed, hallucinated: {
         "clip": "c", "method": method, "caption": caption, "ground_truth": ["dog", "cat"],
         "mentioned": covered + hallucinated, "covered": covered, "missed": missed, "hallucinated": hallucinated,
         "coverage": len(covered) / 2, "exact": not missed and not hallucinated}
