@@ -50,6 +50,7 @@ import torch
 from nnsight_av.adapters.base import get_module
 from nnsight_av.errors import InputError, TokenSelectionError
 
+from .decoding import MEDIA_FEATURES
 from .tracing import TraceResult, register_token_set
 
 if TYPE_CHECKING:
@@ -347,8 +348,8 @@ def planted_route(model: "AVModel", item: "AVInputs", route: Any, *, source: str
     ``route``: positions of ``item``'s tokens of the other modality (the carrier). In every
     forward, the ``source`` encoder's output is zeroed (its tokens carry nothing), and the
     carrier's encoder output at the route rows gets ``gain * u`` (``u`` a seeded unit vector)
-    when the ``source`` input is not blank (digital silence / black frames give constant
-    features). A clean run and its ``source``-removed corruption (`ablate`) then differ in
+    when the ``source`` input is not blank (black frames give the same pixel values in every
+    patch, digital silence the same value in every mel bin). A clean run and its ``source``-removed corruption (`ablate`) then differ in
     their input embeddings at the route positions only, so:
 
     - patching the route at ``resid_pre`` of layer 0 (or at ``input_layernorm`` of every
@@ -389,9 +390,22 @@ def planted_route(model: "AVModel", item: "AVInputs", route: Any, *, source: str
                                       dim=0)
     state: dict[str, float] = {}
 
+    def is_on(features: torch.Tensor) -> float:
+        # black frames give the same values in every patch, silence the same in every mel bin
+        flat = features.float().squeeze()
+        return float(flat.shape[0] > 1 and bool((flat.std(0) > 1e-6).any()))
+
+    def on_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        # read the source's presence before any encoder runs, whichever runs first
+        state.clear()
+        for name in MEDIA_FEATURES[source]:
+            if torch.is_tensor(kwargs.get(name)):
+                state["on"] = is_on(kwargs[name])
+                break
+
     def on_source(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        features = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
-        state["on"] = float(features.float().std() > 1e-6)
+        if "on" not in state:
+            state["on"] = is_on(args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v)))
         model.adapter.encoder_tokens(_ENCODER[source], output).zero_()
 
     def on_carrier(module: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -400,11 +414,12 @@ def planted_route(model: "AVModel", item: "AVInputs", route: Any, *, source: str
             raise InputError(f"planted_route: this forward has {tokens.shape[0]} {carrier} tokens, the input "
                              f"{base.numel()}; run one input per forward inside the block")
         if "on" not in state:
-            raise InputError(f"planted_route: the {carrier} encoder ran before the {source} encoder; "
-                             f"plant the route with source={carrier!r} instead")
-        tokens[rows.to(tokens.device)] += gain * state.pop("on") * u.to(tokens.device, tokens.dtype)
+            raise InputError(f"planted_route: could not tell whether this forward's {source} is blank (no "
+                             f"{'/'.join(MEDIA_FEATURES[source])} argument before the {carrier} encoder ran)")
+        tokens[rows.to(tokens.device)] += gain * state["on"] * u.to(tokens.device, tokens.dtype)
 
-    handles = [source_module.register_forward_hook(on_source, with_kwargs=True),
+    handles = [model._module.register_forward_pre_hook(on_forward, with_kwargs=True),
+               source_module.register_forward_hook(on_source, with_kwargs=True),
                carrier_module.register_forward_hook(on_carrier)]
     try:
         yield u

@@ -188,6 +188,15 @@ def test_planted_route_checks(tiny, av_example):
     with planted_route(tiny, av_example, av_example.spans.video[:2]):
         with pytest.raises(InputError, match="one input per forward"):
             option_probs(tiny, [av_example, av_example], "AB")
+    # the other way round: video's presence carried by audio tokens (the audio encoder runs first)
+    route, other = av_example.spans.audio[[55, 60, 70]], av_example.spans.audio[[56, 61, 71]]
+    no_video = ablate(av_example, "video", tiny)
+    with planted_route(tiny, av_example, route, source="video", gain=-30.0):
+        full = _full_effect(tiny, av_example, no_video)
+        res = causal_trace(tiny, av_example, no_video, "ABCD", token_sets={"route": route, "other": other},
+                           site="resid_pre", layers=[0], progress=False)
+    ie = res.effects.set_index("token_set")["ie_clean"]
+    assert full != 0 and ie["route"] == pytest.approx(full, rel=1e-4) and ie["other"] == pytest.approx(0, abs=1e-8)
     # the hooks are gone afterwards
     assert not tiny._module.get_submodule(tiny.adapter.paths["vision_encoder"])._forward_hooks
 
