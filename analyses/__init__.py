@@ -16,3 +16,5 @@ from .decoding import DecodeOutput, blank_modality, fmd_generate, greedy_generat
 from .asd import ASDConfig, ASDOutput, asd_generate, asd_sink_sets, strength_schedule, strength_target
 from .chair import ChairResult, Vocabulary, chair, example_vocabulary, load_vocabulary
 from .evaluate import CaptionRecord, EvalResult, evaluate, read_caption_dataset, write_caption_dataset
+from .controls import LengthControlResult, length_control, match_report, matched_random_positions, strata
+from .asd_cost import ASDCostResult, asd_cost, mixed_letter_probs
