@@ -310,17 +310,18 @@ class PipelineConfig:
         import difflib
 
         from .store import require_finite
-        from .tracing import METHODS, TOKEN_SETS, canonical_site
+        from .tracing import METHODS, TOKEN_SETS, canonical_site, registered_token_sets
 
         canonical_site(self.site)
         names = [self.token_sets] if isinstance(self.token_sets, str) else list(self.token_sets)
         if not names:
             raise InputError("token_sets is empty: name at least one token set")
         for name in names:
-            if name not in TOKEN_SETS:
-                close = difflib.get_close_matches(str(name), TOKEN_SETS, n=1)
+            known = list(TOKEN_SETS) + list(registered_token_sets())
+            if name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise InputError(f"unknown token set {name!r}{hint}; built-in sets: {list(TOKEN_SETS)}")
+                raise InputError(f"unknown token set {name!r}{hint}; known sets: {known}")
         if self.method not in METHODS:
             raise InputError(f"unknown tracing method {self.method!r}; choose one of {list(METHODS)}")
         if self.ablation not in ("raw", "encoder"):
