@@ -18,6 +18,8 @@ from typing import Any, Iterator, Optional
 
 import typer
 
+from .demo import DEMO_CAPTIONS, DEMO_CLIPS, DEMO_MAX_NEW_TOKENS
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="nnsight-av: interpretability for audio-visual LLMs.")
 
@@ -87,22 +89,24 @@ def _ints(text: str, what: str) -> list[int] | None:
 
 @app.command()
 def demo(
-    model: str = typer.Option("default", help="'default' (the embedded model), 'tiny', 'toy-omni', or a "
-                                              "checkpoint path / hub id"),
+    model: str = typer.Option("default", help="'default' (smol-omni, fetched on first use; toy-omni when it cannot "
+                                              "be had), 'smol-omni', 'toy-omni', 'tiny', or a checkpoint path / hub id"),
     out: Path = typer.Option(Path("nnsight_av_report"), help="report folder"),
-    clips: int = typer.Option(12, help="number of generated multiple-choice clips"),
-    captions: int = typer.Option(6, help="number of generated clips to caption (greedy vs ASD)"),
+    clips: int = typer.Option(DEMO_CLIPS, help="number of generated multiple-choice clips (more: slower, steadier)"),
+    captions: int = typer.Option(DEMO_CAPTIONS, help="number of generated clips to caption (greedy vs ASD)"),
+    max_new_tokens: int = typer.Option(DEMO_MAX_NEW_TOKENS, help="tokens per caption"),
     device: str = typer.Option("cpu"),
     seed: int = typer.Option(0),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
-    """Run the paper's pipeline offline on the embedded toy model and write a report folder."""
+    """Run the paper's pipeline offline (smol-omni by default) and write a report folder."""
     from .demo import run_demo
 
     with _errors(debug):
         if model != "default":
             _model_name(model)
-        run_demo(model=model, out=out, clips=clips, captions=captions, device=device, seed=seed)
+        run_demo(model=model, out=out, clips=clips, captions=captions, max_new_tokens=max_new_tokens, device=device,
+                 seed=seed)
 
 
 @app.command()

@@ -56,3 +56,11 @@ def smol_gguf():
 def _requires_smol(request):
     if request.node.get_closest_marker("requires_smol") is not None:
         request.getfixturevalue("smol_gguf")
+
+
+@pytest.fixture(scope="session")
+def smol_model(smol_gguf):
+    """smol-omni loaded once per session (loading costs tens of seconds); tests must not modify it."""
+    import nnsight_av as nav
+
+    return nav.load("smol-omni")
