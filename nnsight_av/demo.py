@@ -297,6 +297,8 @@ def plot_sink_profile(profile: dict[str, Any]) -> Any:
     title = "sink-dim magnitude over the median token, per layer"
     if not profile["layers"]:
         return no_data(fig, "no data: no clips", title)
+    if not profile["dims"] or not any(v > 0 for values in profile["max"].values() for v in values):
+        return no_data(fig, "no data: no sink dimensions (none found from data, none known to the adapter)", title)
     ax = fig.add_subplot(1, 1, 1)
     colors = {"first token": "black", "text": "#888888", **{m: MODALITY_COLORS[m] for m in ("video", "audio")}}
     for name in _PROFILE_GROUPS:
