@@ -34,7 +34,10 @@ from jaxtyping import Float
 
 from nnsight_av.errors import InputError, TokenSelectionError
 
-from .decoding import AttentionHook, DecodeOutput, Decoder, _as_inputs, _check_tokens, _sync, boosted_attention
+from .attention import attention_with_lse, column_sums
+from .mds import MDSResult, sink_analysis
+from .sinks import SinkResult, resolve_sink_dims, sink_scores
+from .decoding import AttentionHook, DecodeOutput, Decoder, as_inputs, check_new_tokens, sync_device, boosted_attention
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -241,10 +244,8 @@ def asd_sink_sets(model: "AVModel", inputs: "AVInputs", config: ASDConfig = ASDC
 
     One prefill (`analyses.sink_analysis`). Raises `InputError` if the input lacks audio or video.
     """
-    from .mds import sink_analysis
-
-    ex = _as_inputs(model, inputs)
-    device = model._module.get_input_embeddings().weight.device
+    ex = as_inputs(model, inputs)
+    device = model.raw("embed").weight.device
     if device.type != "cpu":
         ex = ex.to(device)
     analysis = sink_analysis(model, ex, dims=config.sink_dims, tau=config.tau, k_divide=config.k_divide,
@@ -501,8 +502,6 @@ class _ASDHook(AttentionHook):
         self.decode_buffer = torch.zeros(len(self.target), self.num_heads, 5, dtype=torch.float32, device=self.device)
 
     def _analysis(self, layer, query, key, value, mask, scale):
-        from .attention import attention_with_lse, column_sums
-
         if mask is not None or query.shape[2] != key.shape[2] or query.shape[0] != 1:
             raise InputError("the fused sink analysis needs one unpadded prompt")
         out, lse = attention_with_lse(query, key, value, scale)
@@ -539,9 +538,6 @@ def _statistics(values: np.ndarray, config: ASDConfig) -> tuple[float, float, fl
 def _fused_sink_sets(hook: _ASDHook, scores: dict[int, torch.Tensor], ex: "AVInputs", dims: list[int], tau: float,
                      config: ASDConfig, num_layers: int, num_heads: int, criterion: str = "phi") -> dict[str, torch.Tensor]:
     """Global sinks and their MDS split from the fused prefill (what `sink_analysis` computes)."""
-    from .mds import MDSResult
-    from .sinks import SinkResult
-
     layers = list(range(num_layers))
     score = torch.stack([scores[l].float().cpu() for l in layers])
     sinks = SinkResult(score, layers, list(dims), tau, float(config.k_divide), ex.layout(), criterion=criterion)
@@ -681,14 +677,12 @@ def asd_generate(
     >>> out.steps["s"][0], len(out.steps["w"]) == out.num_new_tokens
     (0.0, True)
     """
-    from .sinks import resolve_sink_dims, sink_scores
-
-    _check_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     if not isinstance(config, ASDConfig):
         raise InputError(f"config must be an ASDConfig, got {type(config).__name__}")
     if backend not in ("auto", "triton", "torch"):
         raise InputError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    ex = _as_inputs(model, inputs)
+    ex = as_inputs(model, inputs)
     decoder = Decoder(model)
     length = len(ex)
     layers = decoder.num_layers
@@ -826,7 +820,7 @@ def asd_generate(
             both = torch.log_softmax(logits, -1)
             unguided = both[0]
             guided = both[1] if guided_on else unguided
-    _sync(decoder.device)
+    sync_device(decoder.device)
     ms = (time.perf_counter() - start) * 1000
     return ASDOutput(
         "asd", decoder.decode_text(ids), ids, length, ms, finished,

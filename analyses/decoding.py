@@ -31,9 +31,8 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from nnsight_av.adapters.base import get_module
 from nnsight_av.errors import AdapterError, InputError, LayerIndexError, SpanError
-from nnsight_av.inputs import move_data
+from nnsight_av.inputs import AVInputs, move_data
 
 from .results import JsonResult, read_json
 
@@ -227,11 +226,12 @@ def _register() -> None:
     _REGISTERED = True
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised from the decoder stack's forward hook to skip the full-sequence LM head."""
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for ``device``'s queued kernels (CUDA only), so wall times measure the work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -274,14 +274,12 @@ class Decoder:
         from transformers import DynamicCache  # noqa: F401  (fail early if missing)
 
         self.model = model
-        self.module = model._module
-        adapter = model.adapter
-        layers_path = adapter.paths["layers"]
-        self.stack = get_module(self.module, layers_path.rsplit(".", 1)[0]) if "." in layers_path else self.module
-        self.layers = get_module(self.module, layers_path)
-        self.embed = get_module(self.module, adapter.paths["embed"])
-        self.lm_head = get_module(self.module, adapter.paths["lm_head"])
-        self.attention = [get_module(layer, adapter.layer_paths["self_attn"]) for layer in self.layers]
+        self.module = model.raw()
+        self.stack = model.raw("stack")
+        self.layers = model.raw("layers")
+        self.embed = model.raw("embed")
+        self.lm_head = model.raw("lm_head")
+        self.attention = [model.raw("self_attn", layer=i) for i in range(len(self.layers))]
         self.device = self.embed.weight.device
         self.dtype = self.embed.weight.dtype
         self.num_layers = len(self.layers)
@@ -344,13 +342,13 @@ class Decoder:
 
         def after(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-            raise _Stop
+            raise StopForward
 
         handles = [self.stack.register_forward_pre_hook(before, with_kwargs=True),
                    self.stack.register_forward_hook(after, with_kwargs=True)]
         try:
             self.module(**data, past_key_values=cache, use_cache=True)
-        except _Stop:
+        except StopForward:
             pass
         finally:
             for handle in handles:
@@ -397,7 +395,8 @@ class Decoder:
         return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def _check_tokens(max_new_tokens: int) -> None:
+def check_new_tokens(max_new_tokens: int) -> None:
+    """An `InputError` unless ``max_new_tokens`` is a positive int."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
 
@@ -417,9 +416,8 @@ def _greedy_loop(decoder: Decoder, prefill: Prefill, max_new_tokens: int,
     return ids, False
 
 
-def _as_inputs(model: "AVModel", inputs: Any) -> "AVInputs":
-    from nnsight_av import AVInputs
-
+def as_inputs(model: "AVModel", inputs: Any) -> "AVInputs":
+    """``inputs`` if it is `AVInputs`, else an `InputError` (decoding takes prepared inputs only)."""
     if not isinstance(inputs, AVInputs):
         raise InputError(f"inputs must be AVInputs (from model.prepare), got {type(inputs).__name__}")
     return inputs
@@ -440,14 +438,14 @@ def greedy_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 
     >>> out.method, out.num_new_tokens <= 4
     ('greedy', True)
     """
-    _check_tokens(max_new_tokens)
-    ex = _as_inputs(model, inputs)
+    check_new_tokens(max_new_tokens)
+    ex = as_inputs(model, inputs)
     decoder = Decoder(model)
     start = time.perf_counter()
     with torch.inference_mode():
         prefill = decoder.prefill(decoder.data(ex))
         ids, finished = _greedy_loop(decoder, prefill, max_new_tokens, lambda lg: lg[0].argmax(), prefill.cache, 1)
-    _sync(decoder.device)
+    sync_device(decoder.device)
     ms = (time.perf_counter() - start) * 1000
     return DecodeOutput("greedy", decoder.decode_text(ids), ids, len(ex), ms, finished,
                         {"max_new_tokens": max_new_tokens})
@@ -539,11 +537,11 @@ def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     >>> vcd_generate(model, ex, max_new_tokens=3).method
     'vcd'
     """
-    _check_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     if not (math.isfinite(alpha) and alpha >= 0) or not 0 <= beta <= 1:
         raise InputError(f"VCD needs alpha >= 0 and beta in [0, 1]; got alpha={alpha}, beta={beta}")
     diffusion_keep(noise_step, schedule)  # checks both before the model runs
-    ex = _as_inputs(model, inputs)
+    ex = as_inputs(model, inputs)
     decoder = Decoder(model)
     start = time.perf_counter()
     log_beta = math.log(beta) if beta > 0 else -math.inf
@@ -560,7 +558,7 @@ def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
         batch = model.adapter.collate([clean, noisy], padding_side="right", pad_id=0)
         prefill = decoder.prefill(decoder.data(batch))
         ids, finished = _greedy_loop(decoder, prefill, max_new_tokens, choose, prefill.cache, 2)
-    _sync(decoder.device)
+    sync_device(decoder.device)
     ms = (time.perf_counter() - start) * 1000
     return DecodeOutput("vcd", decoder.decode_text(ids), ids, len(ex), ms, finished,
                         {"max_new_tokens": max_new_tokens, "alpha": alpha, "beta": beta, "noise_step": noise_step,
@@ -576,7 +574,7 @@ def blank_modality(model: "AVModel", inputs: "AVInputs", modality: str) -> "AVIn
     Frame count and size, and audio length, are kept, so the token layout is identical
     (checked: a `SpanError` if the processor gives other tokens).
     """
-    ex = _as_inputs(model, inputs)
+    ex = as_inputs(model, inputs)
     request = ex.request
     if modality == "video":
         if request.video is None:
@@ -647,8 +645,8 @@ def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     >>> out.method, 0.0 <= out.meta["merge_weight_audio"] <= 1.0
     ('fmd', True)
     """
-    _check_tokens(max_new_tokens)
-    ex = _as_inputs(model, inputs)
+    check_new_tokens(max_new_tokens)
+    ex = as_inputs(model, inputs)
     decoder = Decoder(model)
     layers = decoder.num_layers
     fork = max(1, layers // 4) if fork_layer is None else fork_layer
@@ -699,7 +697,7 @@ def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
                                              prefill.cache, 2)
         finally:
             handle.remove()
-    _sync(decoder.device)
+    sync_device(decoder.device)
     ms = (time.perf_counter() - start) * 1000
     w = float(weight["w"]) if "w" in weight else float("nan")
     return DecodeOutput("fmd", decoder.decode_text(ids), ids, len(ex), ms, finished,

@@ -27,7 +27,9 @@ import numpy as np
 
 from nnsight_av.errors import InputError, MediaError
 
-from .chair import ChairResult, Vocabulary, _vocabulary, chair, example_vocabulary
+from .asd import ASDConfig, asd_generate
+from .decoding import fmd_generate, greedy_generate, vcd_generate
+from .chair import ChairResult, Vocabulary, as_vocabulary, chair, example_vocabulary
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -133,17 +135,12 @@ def write_caption_dataset(records: Sequence[CaptionRecord | Mapping[str, Any]], 
 def _method_kwargs(method: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     kwargs = dict(kwargs)
     if method == "asd" and isinstance(kwargs.get("config"), Mapping):
-        from .asd import ASDConfig
-
         kwargs["config"] = ASDConfig.from_dict(kwargs["config"])
     return kwargs
 
 
 def run_method(model: "AVModel", inputs: "AVInputs", method: str, max_new_tokens: int = 64, **kwargs: Any) -> Any:
     """One decoding method by name ("greedy", "vcd", "fmd", "asd") on one prepared input."""
-    from .asd import asd_generate
-    from .decoding import fmd_generate, greedy_generate, vcd_generate
-
     functions: dict[str, Callable[..., Any]] = {"greedy": greedy_generate, "vcd": vcd_generate,
                                                 "fmd": fmd_generate, "asd": asd_generate}
     if method not in functions:
@@ -199,7 +196,7 @@ class EvalResult:
         rows = [r for r in self.records if r["method"] == method]
         if not rows:
             raise InputError(f"no captions for method {method!r}; have {self.methods}")
-        vocab = self.vocabulary if vocabulary is None else _vocabulary(vocabulary, None)
+        vocab = self.vocabulary if vocabulary is None else as_vocabulary(vocabulary, None)
         return chair([r["caption"] for r in rows], [r["objects"] for r in rows], vocab, per_mention=per_mention)
 
     def table(self, vocabulary: Any = None, per_mention: bool = False) -> "pd.DataFrame":
@@ -230,7 +227,7 @@ class EvalResult:
 
     @classmethod
     def load(cls, path: str | Path, vocabulary: Any = None) -> "EvalResult":
-        vocab = example_vocabulary() if vocabulary is None else _vocabulary(vocabulary, None)
+        vocab = example_vocabulary() if vocabulary is None else as_vocabulary(vocabulary, None)
         return cls(_read_jsonl(Path(path)), vocab, str(path))
 
     def _repr_html_(self) -> str:
@@ -276,7 +273,7 @@ def evaluate(
     bad = sorted(set(extra) - set(methods))
     if bad:
         raise InputError(f"method_kwargs for methods that are not run: {bad}")
-    vocab = example_vocabulary() if vocabulary is None else _vocabulary(vocabulary, None)
+    vocab = example_vocabulary() if vocabulary is None else as_vocabulary(vocabulary, None)
 
     path = Path(out) if out is not None else None
     done = _read_jsonl(path) if path is not None else []

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from nnsight_av.errors import InputError
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -189,11 +191,7 @@ def plot_mds_distribution(results: "MDSResult | Sequence[MDSResult]", *, kind: s
     import pandas as pd
     import seaborn as sns
 
-    from nnsight_av.errors import InputError
-
-    from .mds import MDSResult
-
-    if isinstance(results, MDSResult):
+    if not isinstance(results, (list, tuple)):
         results = [results]
     frames = [r.to_frame().assign(sample=i) for i, r in enumerate(results)]
     data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["modality", "mds"])

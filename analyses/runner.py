@@ -261,8 +261,8 @@ def analyze_clip(model: "AVModel", record: ClipRecord, config: PipelineConfig | 
     with ThreadPoolExecutor(1) as pool:
         ablated = pool.submit(lambda: (ablate(clean, "video", model, method=config.ablation),    # the "a" run
                                        ablate(clean, "audio", model, method=config.ablation)))  # the "v" run
-        clean_rec, (sinks, split) = runner.record_clean_during(lambda: _sinks(model, clean, config), clean, media,
-                                                               layers)
+        clean_rec, (sinks, split) = runner.record_clean_during(
+            lambda: pipeline_sinks(model, clean, config), clean, media, layers)
         only_audio, only_video = ablated.result()
     starts = sorted({w[0] for w in windows})
     if config.method == "exact":
@@ -300,18 +300,10 @@ def analyze_clip(model: "AVModel", record: ClipRecord, config: PipelineConfig | 
     return out
 
 
-def _sinks(model: "AVModel", clean: Any, config: PipelineConfig) -> tuple[Any, Any]:
-    from . import mds as mds_module
-
+def pipeline_sinks(model: "AVModel", clean: Any, config: PipelineConfig) -> tuple[Any, Any]:
+    """Global sinks of ``clean`` and their MDS split, as `analyze_clip` computes them."""
     kwargs = {"dims": config.sink_dims, "tau": config.tau, "k_divide": config.k_divide, "criterion": config.criterion}
-    joint = getattr(mds_module, "sink_analysis", None)
-    if joint is not None:
-        sinks, scores = joint(model, clean, progress=False, **kwargs)
-    else:  # pragma: no cover - the two-pass route of the issue-4 contract
-        from .sinks import find_sinks
-
-        sinks = find_sinks(model, clean, progress=False, **kwargs)
-        scores = mds_module.modality_dominance(model, clean, sinks, progress=False)
+    sinks, scores = sink_analysis(model, clean, progress=False, **kwargs)
     return sinks, scores.split(rule=config.split_rule)
 
 

@@ -30,6 +30,7 @@ from nnsight_av.errors import AdapterError, InputError
 
 from .results import JsonResult, read_json
 from .attention import as_list, progress_batches, run_prefill
+from .plots import plot_sink_mask
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -365,8 +366,6 @@ class SinkResult(JsonResult):
 
     def plot(self, **kwargs: Any) -> "Figure":
         """Sink mask heatmap (layer x token) with modality bands; see `analyses.plots.plot_sink_mask`."""
-        from .plots import plot_sink_mask
-
         return plot_sink_mask(self, **kwargs)
 
     # -- persistence -------------------------------------------------------------
@@ -393,7 +392,8 @@ def modality_codes(item: "AVInputs") -> str:
     return codes.tobytes().decode("ascii")
 
 
-def _check_k(k_divide: float, k: int | None) -> None:
+def check_k(k_divide: float, k: int | None) -> None:
+    """An `InputError` unless ``k_divide`` (N) is positive and ``k`` is None or >= 0."""
     if not k_divide > 0:
         raise InputError(f"k_divide (N in K = int(T / N)) must be positive, got {k_divide}")
     if k is not None and k < 0:
@@ -429,7 +429,7 @@ def find_sinks(
     ([], True)
     """
     items, single = as_list(inputs)
-    _check_k(k_divide, k)
+    check_k(k_divide, k)
     dims = resolve_sink_dims(model, dims, items)
     tau = float(model.adapter.tau() if tau is None else tau)
     criterion = check_criterion(model.adapter.sink_criterion() if criterion is None else criterion)

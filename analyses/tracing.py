@@ -39,10 +39,12 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
-from nnsight_av.adapters.base import get_module
-from nnsight_av.errors import InputError, LayerIndexError, TokenSelectionError
+from nnsight_av.errors import InputError, LayerIndexError, MediaError, TokenSelectionError
+from nnsight_av.inputs import AVInputs
 
 from .ablation import check_same_layout, encoder_edit, zeroed_of
+from .mds import modality_dominance, sink_analysis
+from .sinks import find_sinks
 from .options import last_logits_only, letter_probs, normalize_options, on_device, option_token_ids
 
 if TYPE_CHECKING:
@@ -178,8 +180,6 @@ def _load_mask(masks: Any) -> np.ndarray:
     if isinstance(masks, (str, Path)):
         path = Path(masks)
         if not path.exists():
-            from nnsight_av.errors import MediaError
-
             raise MediaError(f"object mask file not found: {str(path)!r}")
         masks = np.load(path)
     arr = np.asarray(masks.detach().cpu() if hasattr(masks, "detach") else masks)
@@ -494,14 +494,11 @@ class PatchRunner:
         self.site = canonical_site(site)
         self.options = normalize_options(options)
         self.token_ids = option_token_ids(model.tokenizer, self.options)
-        root = model._module
-        self.layers = get_module(root, model.adapter.paths["layers"])
-        self.final_norm = get_module(root, model.adapter.paths["final_norm"])
-        self.lm_head = get_module(root, model.adapter.paths["lm_head"])
+        self.layers = model.raw("layers")
+        self.final_norm = model.raw("final_norm")
+        self.lm_head = model.raw("lm_head")
         self.num_layers = model.num_layers
-        config = model.adapter.text_config
-        self.attn_impl = str(getattr(config, "_attn_implementation", None)
-                             or getattr(model.adapter.config, "_attn_implementation", "sdpa"))
+        self.attn_impl = model.attn_implementation
         self._rows: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
 
     def _can_skip(self) -> bool:
@@ -520,11 +517,7 @@ class PatchRunner:
     def _site_module(self, layer: int) -> torch.nn.Module:
         if self.site in ("resid_pre", "resid_post"):
             return self.layers[layer]
-        path = self.model.adapter.layer_paths.get(_SITE_ROLE[self.site])
-        if not path:
-            raise InputError(f"site {self.site!r}: adapter {self.model.adapter.name!r} has no "
-                             f"{_SITE_ROLE[self.site]!r} module")
-        return get_module(self.layers[layer], path)
+        return self.model.raw(_SITE_ROLE[self.site], layer=layer)
 
     def _site_hook(self, layer: int, fn: Callable[[torch.Tensor], Any]):
         """Register ``fn(site_tensor)`` on ``layer``'s site; it may edit the tensor in place.
@@ -553,7 +546,7 @@ class PatchRunner:
                     encoder_edit(self.model, item)
                     logits = self.model.logits.save()
             else:
-                logits = self.model._module(**item.data, use_cache=False).logits
+                logits = self.model.raw()(**item.data, use_cache=False).logits
         return logits[0, -1]
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -1231,25 +1224,16 @@ def _sink_inputs(model: "AVModel", clean: "AVInputs", names: set[str], sinks: An
             split = sinks.mds.split(rule=split_rule)
         sinks = sinks.sinks
     if (needs_sinks or needs_split) and sinks is None:
-        from . import mds as mds_module
-
-        joint = getattr(mds_module, "sink_analysis", None)
-        if needs_split and split is None and joint is not None:
-            found, scores = joint(model, clean, progress=False, **options)
+        if needs_split and split is None:
+            found, scores = sink_analysis(model, clean, progress=False, **options)
             return found, scores.split(rule=split_rule)
-        from .sinks import find_sinks
-
         sinks = find_sinks(model, clean, progress=False, **options)
     if needs_split and split is None:
-        from .mds import modality_dominance
-
         split = modality_dominance(model, clean, sinks, progress=False).split(rule=split_rule)
     return sinks, split
 
 
 def _as_pairs(clean: Any, corrupt: Any) -> tuple[list[Any], list[Any], bool]:
-    from nnsight_av import AVInputs
-
     if isinstance(clean, AVInputs) and isinstance(corrupt, AVInputs):
         return [clean], [corrupt], True
     if isinstance(clean, (list, tuple)) and isinstance(corrupt, (list, tuple)):

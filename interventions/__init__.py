@@ -18,6 +18,8 @@ with ``a + b`` / `Compose`; use them with ``iv.apply(model)`` inside an invoke,
 True
 """
 
+from nnsight_av.model import register_runner
+
 from .attention import AttentionBoost, AttentionEdit, AttentionKnockout, apply_attention_edits
 from .base import Compose, Intervention, from_dict, from_json, register_intervention, registered_interventions
 from .cache import ActivationCache, cache_activations, compute_means, layout_signature, modality_stds
@@ -26,6 +28,8 @@ from .primitives import MeanPatch, Noise, Patch, Zero
 from .run import generate, run
 from .selectors import resolve_tokens
 from .site import ROLES, Site, window
+
+register_runner(run)  # `model.run` (the core cannot import this layer, so it is handed down)
 
 __all__ = [
     "Site", "ROLES", "window", "resolve_tokens", "MODALITIES",

@@ -15,7 +15,7 @@ from .context import ApplyContext
 from .engine import Op, execute
 from .params import flag
 from .selectors import normalize_selector
-from .site import Site, as_site
+from .site import Site, as_site, layers_from_json
 
 __all__ = ["Intervention", "Compose", "from_dict", "from_json", "register_intervention", "registered_interventions"]
 
@@ -137,8 +137,6 @@ class Intervention:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], sources: Mapping[str, Any] | None = None) -> "Intervention":
-        from .site import layers_from_json
-
         params = dict(params)
         if "layers" in params:
             params["layers"] = layers_from_json(params["layers"])

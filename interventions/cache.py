@@ -19,6 +19,7 @@ import torch
 from nnsight_av.errors import FormatError, InputError
 from nnsight_av.inputs import AVInputs
 
+from .base import Intervention
 from .context import MODALITIES, ApplyContext
 from .engine import Op, execute
 from .site import Site, as_site
@@ -162,8 +163,6 @@ def _checked_meta(meta: Any, acts: dict[str, torch.Tensor], path: str) -> tuple:
 
 
 def _sites_of(sites: Any, layers: Any) -> list[Site]:
-    from .base import Intervention
-
     if isinstance(sites, Intervention):
         out = sites.sites()
     elif isinstance(sites, (str, Site)):

@@ -18,6 +18,9 @@ from typing import Any, Callable
 
 import torch
 
+from nnsight_av.errors import InputError
+
+from .attention_edits import apply_attention_edits
 from .context import ApplyContext, visit_stamp
 from .site import POINT_ORDER
 
@@ -71,8 +74,6 @@ def _run_ops(ops: list[Op], tensor: torch.Tensor, ctx: ApplyContext) -> torch.Te
 
 def execute(model: Any, ops: list[Op], ctx: ApplyContext) -> None:
     """Run ``ops`` in this invoke (must be called from inside the invoke's code)."""
-    from .attention import apply_attention_edits
-
     ordered = sorted(enumerate(ops), key=lambda item: (item[1].layer, POINT_ORDER[item[1].point], item[0]))
     for layer, layer_items in groupby((op for _, op in ordered), key=lambda op: op.layer):
         by_point: dict[str, list[Op]] = {}
@@ -113,8 +114,6 @@ def execute(model: Any, ops: list[Op], ctx: ApplyContext) -> None:
             if edits:
                 scaling = call_kwargs.get("scaling", getattr(module, "scaling", None))
                 if call_kwargs.get("sliding_window") is not None:
-                    from nnsight_av.errors import InputError
-
                     raise InputError("attention primitives do not support sliding-window attention layers")
                 out, weights = apply_attention_edits(query, key, value_states, mask, scaling, out, weights, edits,
                                                      num_key_value_groups=query.shape[1] // key.shape[1],

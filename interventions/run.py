@@ -13,6 +13,7 @@ from nnsight_av.inputs import AVInputs
 
 from .base import Compose, Intervention, as_intervention
 from .params import integer
+from .primitives import Patch
 
 __all__ = ["run", "generate"]
 
@@ -39,8 +40,6 @@ def _per_input_sets(sets: Any, n: int) -> list[Mapping[str, Any] | None]:
 
 def _plan(iv: Intervention | None, n: int, targets: Iterable[int] | None) -> list[Intervention | None]:
     """What each invoke applies: the intervention for targets; for others, only `Patch` recordings they source."""
-    from .primitives import Patch
-
     if iv is None:
         return [None] * n
     chosen = set(range(n)) if targets is None else {int(t) for t in targets}

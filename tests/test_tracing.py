@@ -207,14 +207,14 @@ def test_skipping_overwritten_positions_is_exact(sharp, pair, monkeypatch):
 def test_clean_record_riding_on_the_sink_prefill(sharp, pair):
     """The pipeline takes the clean run from the sink analysis' prefill (which stops inside the
     last layer) and finishes the last layer for the last position: same record as a clean forward."""
-    from analyses.runner import PipelineConfig, _sinks
+    from analyses.runner import PipelineConfig, pipeline_sinks
 
     clean, _ = pair
     media = clean.spans.media
     runner = PatchRunner(sharp, "input_layernorm", OPTIONS)
     alone = runner.record_clean(clean, media, range(sharp.num_layers))
     fused, (sinks, split) = runner.record_clean_during(
-        lambda: _sinks(sharp, clean, PipelineConfig(sink_dims=[0, 1], tau=2.0)), clean, media, range(sharp.num_layers))
+        lambda: pipeline_sinks(sharp, clean, PipelineConfig(sink_dims=[0, 1], tau=2.0)), clean, media, range(sharp.num_layers))
     assert torch.allclose(fused.probs, alone.probs, atol=1e-6)
     for layer in range(sharp.num_layers):
         assert torch.equal(fused.values[layer], alone.values[layer])
