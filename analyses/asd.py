@@ -32,12 +32,15 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from interventions.attention_edits import boost_amount, boost_bias, boosted_attention
+from interventions.runtime.decoder import Decoder, sync_device
+from interventions.runtime.routing import AttentionHook
 from nnsight_av.errors import InputError, TokenSelectionError
 
 from .attention import attention_with_lse, column_sums
+from .decoding import DecodeOutput, as_inputs, check_new_tokens
 from .mds import MDSResult, sink_analysis
 from .sinks import SinkResult, resolve_sink_dims, sink_scores
-from .decoding import AttentionHook, DecodeOutput, Decoder, as_inputs, check_new_tokens, sync_device, boosted_attention
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -392,7 +395,7 @@ def decode_attention(
     logits = logits * scale
     bonus = flag.to(logits.dtype)[None, None, :] * boost.to(logits.dtype)[:, None, None]
     head = logits[..., :tp]
-    head = head + (bonus if multiplicative else bonus * head.abs())
+    head = head + boost_bias(head, bonus, "multiplicative" if multiplicative else "pre_softmax")
     logits = torch.cat([head, logits[..., tp:]], dim=-1)
     probs = torch.softmax(logits, dim=-1)
     out = torch.matmul(probs.view(b, kv, h // kv, tk), value.float()).view(b, 1, h, d)
@@ -457,8 +460,7 @@ class _ASDHook(AttentionHook):
         flag = torch.zeros(length, dtype=torch.float32)
         flag[self.cols.cpu()] = 1.0
         self.flag = flag.to(self.device)
-        amount = math.log1p(config.alpha) if config.boost_mode == "multiplicative" else config.alpha
-        self.amount = amount
+        self.amount = boost_amount(config.alpha, config.boost_mode)
 
     def _record(self, layer: int, probs: torch.Tensor) -> None:
         """``probs [heads, keys]`` of the unguided last query row."""

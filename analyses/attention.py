@@ -33,10 +33,10 @@ import nnsight
 import torch
 from jaxtyping import Float, Int
 
+from interventions.runtime.decoder import Decoder, StopForward
+from interventions.runtime.routing import AttentionHook
 from nnsight_av.errors import InputError, TokenSelectionError
 from nnsight_av.inputs import AVInputs
-
-from .decoding import AttentionHook, Decoder, StopForward
 
 if TYPE_CHECKING:
     from nnsight_av import AVInputs, AVModel

@@ -20,9 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from nnsight_av.errors import InputError
+from nnsight_av.errors import InputError, NNsightAVError
+from nnsight_av.inputs import AVInputs
 
+from .ablation import ablate
+from .clips import error_record, run_clips
 from .datasets import ClipRecord, read_dataset
+from .options import normalize_options, option_probs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -68,11 +72,6 @@ def clip_dominance(
     method: str = "raw",
 ) -> dict[str, Any]:
     """The dominance record of one clip: letter probabilities and answers of av / a / v, and the label."""
-    from nnsight_av import AVInputs
-
-    from .ablation import ablate
-    from .options import normalize_options, option_probs
-
     if isinstance(clip, ClipRecord):
         clean = clip.prepare(model)
         options = clip.options if options is None else options
@@ -175,10 +174,6 @@ def dominance(
     >>> sorted(res.records[0]["answers"]), res.records[0]["dominance"] in LABELS
     (['a', 'av', 'v'], True)
     """
-    from nnsight_av import AVInputs
-
-    from .runner import run_clips
-
     items = list(dataset) if not isinstance(dataset, (str, os.PathLike)) else None
     if items is not None and items and all(isinstance(x, AVInputs) for x in items):
         if labels is not None and len(labels) != len(items):
@@ -197,10 +192,6 @@ def dominance(
         return clip_dominance(model, record, options, correctness=correctness, method=method)
 
     if out is None:
-        from nnsight_av.errors import NNsightAVError
-
-        from .runner import error_record
-
         from tqdm.auto import tqdm
 
         results = []

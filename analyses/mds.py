@@ -26,6 +26,7 @@ from nnsight_av.errors import InputError, TokenSelectionError
 from .results import JsonResult, read_json
 from .attention import (group_counts, row_group_ids, as_list, batch_tensors, column_attention_sums, column_sums,
                         progress_batches, run_prefill)
+from .plots import plot_mds_distribution, plot_mds_heatmap
 from .sinks import SinkResult, check_criterion, check_k, modality_codes, resolve_sink_dims, sink_scores
 
 if TYPE_CHECKING:

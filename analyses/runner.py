@@ -17,13 +17,15 @@ import torch
 from nnsight_av.errors import InputError
 
 from .clips import ResultStore, error_record, merge_shards, run_clips, shard_info, shard_path  # noqa: F401
+from .ablation import ablate
 from .datasets import ClipRecord, read_dataset
+from .dominance import DominanceResult, dominance_label
+from .mds import sink_analysis
+from .options import on_device
+from .tracing import PatchRunner, TraceResult, make_windows, resolve_token_sets, trace_clip
 
 if TYPE_CHECKING:
     from nnsight_av import AVModel
-
-    from .dominance import DominanceResult
-    from .tracing import TraceResult
 
 __all__ = ["ResultStore", "shard_info", "shard_path", "run_clips", "merge_shards", "analyze_clip", "trace_dataset",
            "PipelineResult", "PipelineConfig"]
@@ -70,10 +72,6 @@ def analyze_clip(model: "AVModel", record: ClipRecord, config: PipelineConfig | 
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from .ablation import ablate
-    from .dominance import dominance_label
-    from .options import on_device
-    from .tracing import PatchRunner, make_windows, resolve_token_sets, trace_clip
 
     config = config or PipelineConfig()
     options = list(config.options) if config.options is not None else list(record.options)
@@ -140,15 +138,11 @@ class PipelineResult:
 
     @property
     def trace(self) -> "TraceResult | None":
-        from .tracing import TraceResult
-
         traced = [r["trace"] for r in self.records if r.get("status") == "ok" and r.get("trace")]
         return TraceResult.from_records(traced) if traced else None
 
     @property
     def dominance(self) -> "DominanceResult":
-        from .dominance import DominanceResult
-
         return DominanceResult(list(self.records))
 
     @property

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ from jaxtyping import Float
 
 from nnsight_av.errors import InputError
 
-__all__ = ["AttentionEdit", "apply_attention_edits", "CHUNK_ELEMENTS"]
+__all__ = ["AttentionEdit", "apply_attention_edits", "boosted_attention", "boost_amount", "boost_bias", "CHUNK_ELEMENTS"]
 
 #: Elements of the per-chunk float mask (``heads x rows x keys``); bounds the extra memory.
 CHUNK_ELEMENTS = 1 << 22
@@ -57,6 +57,45 @@ class AttentionEdit:
     keys: torch.Tensor
     heads: torch.Tensor | None = None
     alpha: float = 0.0
+
+
+BOOST_MODES = ("pre_softmax", "multiplicative")
+
+
+def boost_amount(alpha: float, mode: str = "pre_softmax") -> float:
+    """The per-pair constant of a boost: ``alpha`` (``pre_softmax``) or ``log(1 + alpha)`` (``multiplicative``).
+
+    What the kernels receive; `boost_bias` turns it into the bias on the logits.
+
+    >>> boost_amount(0.2), round(boost_amount(1.0, "multiplicative"), 4)
+    (0.2, 0.6931)
+    """
+    if mode not in BOOST_MODES:
+        raise InputError(f"boost mode must be one of {BOOST_MODES}, got {mode!r}")
+    return math.log1p(alpha) if mode == "multiplicative" else float(alpha)
+
+
+def boost_bias(logits: torch.Tensor, amount: float | torch.Tensor, mode: str = "pre_softmax",
+               inplace: bool = False) -> torch.Tensor:
+    """The boost of METHOD.md section 6 as a bias on (scaled) attention logits ``a``: the one place it is written.
+
+    ``pre_softmax``: ``amount * |a|`` (so ``a + bias`` is ``a + alpha * |a|``); ``multiplicative``:
+    ``amount`` itself (``log(1 + alpha)``: the probabilities times ``1 + alpha``, renormalised).
+    ``amount`` comes from `boost_amount` (a tensor broadcasts, e.g. per batch row or column);
+    ``inplace=True`` overwrites ``logits`` with the bias. Since ``|s * x| = s * |x|`` for a
+    scale ``s > 0``, unscaled ``q . k`` with ``amount * s`` gives the same bias. The Triton
+    decode kernel of ``analyses.asd`` computes the same expression in its inner loop.
+
+    >>> a = torch.tensor([-2.0, 1.0])
+    >>> (a + boost_bias(a, 0.5)).tolist(), boost_bias(a, 0.5, "multiplicative").tolist()
+    ([-1.0, 1.5], [0.5, 0.5])
+    """
+    if mode == "multiplicative":
+        bias = torch.as_tensor(amount, dtype=logits.dtype, device=logits.device).expand_as(logits)
+        return logits.copy_(bias) if inplace else bias.clone()
+    if mode != "pre_softmax":
+        raise InputError(f"boost mode must be one of {BOOST_MODES}, got {mode!r}")
+    return logits.abs_().mul_(amount) if inplace else logits.abs() * amount
 
 
 def _base_mask(mask: torch.Tensor | None, rows: torch.Tensor, past: int, kv_len: int, heads: torch.Tensor,
@@ -122,7 +161,7 @@ def _static_mask(mask: torch.Tensor | None, edits: list[AttentionEdit], plan: tu
     heads = 1 if all_heads else len(heads_dev)
     full = full.expand(max(batch, full.shape[0]), max(heads, full.shape[1]), -1, -1).clone()
     for e, cover in static:
-        amount = float("-inf") if e.kind == "knockout" else math.log1p(e.alpha)
+        amount = float("-inf") if e.kind == "knockout" else boost_amount(e.alpha, "multiplicative")
         pair = _pairs(cover, start, stop, all_heads)
         if pair is None:
             vals = torch.full((1, 1, 1, 1), amount, device=full.device)
@@ -210,11 +249,11 @@ def apply_attention_edits(
                     logits = (q_g @ k_sel.transpose(-1, -2)).view(batch, num_heads, len(rows), len(keys))
                 else:
                     logits = q_r @ k_sel.transpose(-1, -2)
-                logits = logits.abs_()
+                logits = boost_bias(logits, e.alpha * scale, "pre_softmax", inplace=True)   # unscaled q.k
                 pair = _pairs(cover, start, stop, all_heads)
                 if pair is not None:
                     logits = logits.masked_fill_(~pair, 0.0)
-                full.index_add_(3, keys, logits.to(full.dtype), alpha=e.alpha * scale)
+                full.index_add_(3, keys, logits.to(full.dtype))
         new = F.scaled_dot_product_attention(q_r, k_h, v_h, attn_mask=full, scale=scale, enable_gqa=gqa)
         if knockout:
             new = torch.nan_to_num(new, nan=0.0)  # a row whose every key is blocked attends to nothing
@@ -228,3 +267,66 @@ def apply_attention_edits(
             probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
             weights[:, heads_dev[:, None], rows[None, :]] = probs.to(weights.dtype)
     return out, weights
+
+
+def boosted_attention(
+    query: Float[torch.Tensor, "batch heads q dim"],
+    key: Float[torch.Tensor, "batch kv_heads k dim"],
+    value: Float[torch.Tensor, "batch kv_heads k dim"],
+    scale: float,
+    mask: torch.Tensor | None = None,
+    *,
+    batch: Sequence[int] = (),
+    rows: torch.Tensor | None = None,
+    columns: torch.Tensor | None = None,
+    alpha: float = 0.0,
+    mode: str = "pre_softmax",
+) -> tuple[Float[torch.Tensor, "batch q heads dim"], Float[torch.Tensor, "batch heads q k"]]:
+    """Attention with the logits of chosen (row, column) pairs raised before the softmax.
+
+    For batch entries ``batch``, query rows ``rows`` (indices into the ``q`` axis; all when
+    None) and key ``columns``: ``a <- a + alpha * |a|`` (``mode="pre_softmax"``, METHOD.md
+    section 6) or ``a <- a + log(1 + alpha)``, i.e. the probabilities of those columns
+    multiplied by ``1 + alpha`` and renormalised (``mode="multiplicative"``). ``a`` is the
+    scaled logit; the boost is applied before the mask, so masked keys stay masked.
+    ``mask``: None (causal, queries aligned to the last keys), boolean (True = attend) or
+    additive float, broadcastable to ``[B, heads, q, k]``. Grouped-query attention is handled
+    without expanding the keys. Computed in float32; returns the output in the layout
+    transformers' attention functions return (``[B, q, heads, dim]``, query dtype) and the
+    probabilities ``[B, heads, q, k]`` (float32).
+
+    >>> q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
+    >>> out, probs = boosted_attention(q, k, v, 0.5)
+    >>> ref = torch.nn.functional.scaled_dot_product_attention(q, k.expand(1, 2, 5, 4), v.expand(1, 2, 5, 4),
+    ...     attn_mask=torch.ones(3, 5, dtype=torch.bool).tril(2), scale=0.5)
+    >>> torch.allclose(out.transpose(1, 2), ref, atol=1e-6)
+    True
+    """
+    b, h, n, d = query.shape
+    kv, tk = key.shape[1], key.shape[2]
+    if h % kv:
+        raise InputError(f"query heads ({h}) must be a multiple of key/value heads ({kv})")
+    g = h // kv
+    logits = torch.matmul(query.float().reshape(b, kv, g * n, d), key.float().transpose(-1, -2))
+    logits = logits.view(b, h, n, tk).mul_(scale)
+    if alpha and columns is not None and columns.numel() and len(batch):
+        amount = boost_amount(alpha, mode)
+        cols = columns.to(logits.device)
+        row_idx = torch.arange(n, device=logits.device) if rows is None else rows.to(logits.device)
+        if row_idx.numel():
+            ri, ci = row_idx[:, None], cols[None, :]
+            for bi in batch:
+                picked = logits[bi, :, ri, ci]
+                logits[bi, :, ri, ci] = picked + boost_bias(picked, amount, mode)
+    if mask is None:
+        if n > 1:
+            allowed = torch.arange(tk, device=logits.device)[None, :] <= (torch.arange(n, device=logits.device)[:, None]
+                                                                         + (tk - n))
+            logits = logits.masked_fill(~allowed, float("-inf"))
+    elif mask.dtype == torch.bool:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    else:
+        logits = logits + mask.float()
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.matmul(probs.view(b, kv, g * n, tk), value.float()).view(b, h, n, -1)
+    return out.transpose(1, 2).to(query.dtype).contiguous(), probs

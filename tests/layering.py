@@ -18,6 +18,8 @@ Further rules (`check` lists every violation as one line):
 - no private name (``_x``) is imported from another project module;
 - ``interventions`` and ``analyses`` import project modules at module level only (a
   function-local import is how circles were hidden), and their module graph has no circle.
+  Exception: a module that needs an optional dependency (``OPTIONAL``, e.g. Triton kernels)
+  at module level is imported where it is used, so the rest works without it.
 
 Imports under ``if TYPE_CHECKING:`` count for the layer rules, not for circles.
 """
@@ -37,6 +39,8 @@ GENERIC_CORE = {"nnsight_av.model", "nnsight_av.inputs", "nnsight_av.media", "nn
                 "nnsight_av.validation", "nnsight_av.spans", "nnsight_av.errors"}
 #: Packages whose project imports must sit at module level and form no circle.
 STRICT = ("interventions", "analyses")
+#: Optional third-party dependencies: a project module importing one at module level may be imported lazily.
+OPTIONAL = ("triton",)
 #: Attribute names that reach past `AVModel` into raw modules or adapter paths.
 RAW_ATTRIBUTES = {"_module", "get_module"}
 ADAPTER_PATH_ATTRIBUTES = {"paths", "layer_paths"}
@@ -183,11 +187,14 @@ def check(root: Path, packages: tuple[str, ...] = PACKAGES) -> list[str]:
     modules = project_modules(root, packages)
     problems: list[str] = []
     graph: dict[str, set[str]] = {}
+    parsed = {module: imports_of(module, path) for module, path in modules.items()}
+    optional = {module for module, (found, _) in parsed.items()
+                if any(not imp.local and any(_within(imp.target, dep) for dep in OPTIONAL) for imp in found)}
     for module, path in modules.items():
         where = f"{path.relative_to(root)}"
         mine = layer_of(module)
         strict = any(_within(module, p) for p in STRICT)
-        found, tree = imports_of(module, path)
+        found, tree = parsed[module]
         for imp in found:
             target = _existing(imp.target, modules) or imp.target
             theirs = layer_of(target)
@@ -205,7 +212,7 @@ def check(root: Path, packages: tuple[str, ...] = PACKAGES) -> list[str]:
             private = [n for n in imp.names if n.startswith("_") and not n.startswith("__")]
             if private and target != module:
                 problems.append(f"{at}: {module} imports private name(s) {private} from {target}")
-            if strict and imp.local and not imp.type_only and target != module:
+            if strict and imp.local and not imp.type_only and target != module and target not in optional:
                 problems.append(f"{at}: {module} imports project module {target} inside a function")
             if not imp.type_only and target != module and (_within(target, module.split(".")[0])):
                 graph.setdefault(module, set()).add(target)
