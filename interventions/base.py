@@ -36,7 +36,8 @@ def _sets_to_json(sets: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
     return {name: [int(p) for p in positions.tolist()] for name, positions in sets.items()}
 
 
-def _normalize_sets(sets: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+def normalize_sets(sets: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    """Named position sets as CPU LongTensors (`InputError` on anything that is not positions)."""
     out: dict[str, torch.Tensor] = {}
     if sets is not None and not isinstance(sets, Mapping):
         raise InputError(f"sets must map names to token positions, got {type(sets).__name__}")
@@ -78,7 +79,7 @@ class Intervention:
         if self.site.role == "attn_logits" and not getattr(self, "attention", False):
             raise InputError(f"{type(self).__name__} edits activations; the 'attn_logits' site is for "
                              f"AttentionKnockout / AttentionBoost")
-        self.sets = _normalize_sets(sets)
+        self.sets = normalize_sets(sets)
         self.allow_empty = flag(allow_empty, "allow_empty")
 
     # -- compilation (subclasses) ----------------------------------------------------------
@@ -100,7 +101,7 @@ class Intervention:
         touches: nnsight serves modules in execution order. In ``model.generate``, call it
         inside ``for step in tracer.iter[...]:`` to act at those steps.
         """
-        ctx = ApplyContext(model, inputs, _normalize_sets(sets))
+        ctx = ApplyContext(model, inputs, normalize_sets(sets))
         execute(model, self.compile(model, ctx), ctx)
 
     def __add__(self, other: "Intervention") -> "Compose":

@@ -70,9 +70,12 @@ def visit_stamp(location: str) -> tuple[int, int] | None:
 class ApplyContext:
     """State of one ``apply`` call in one invoke (see module docstring)."""
 
-    def __init__(self, model: Any, inputs: AVInputs | None = None, sets: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, model: Any, inputs: AVInputs | None = None, sets: Mapping[str, Any] | None = None, *,
+                 invoke: tuple[int | None, list[Any]] | None = None, offset: int | None = None) -> None:
+        """``invoke``: ``(index, inputs_of_every_row)`` when not running inside an nnsight invoke (the
+        hook runtime); ``offset``: the input's padding shift (default: from the model's last batch)."""
         self.model = model
-        index, all_inputs = current_invoke(model)
+        index, all_inputs = current_invoke(model) if invoke is None else invoke
         if inputs is None:
             if index is None or index >= len(all_inputs) or not isinstance(all_inputs[index], AVInputs):
                 raise InputError("apply() could not find this invoke's AVInputs: pass them, iv.apply(model, ex)")
@@ -89,7 +92,11 @@ class ApplyContext:
         self.index = index
         self.all_inputs = all_inputs
         offsets = model.padding_offsets
-        self.offset = offsets[index] if index is not None and index < len(offsets) and len(offsets) == len(all_inputs) else 0
+        if offset is not None:
+            self.offset = int(offset)
+        else:
+            self.offset = offsets[index] if index is not None and index < len(offsets) and \
+                len(offsets) == len(all_inputs) else 0
         self.sets = dict(sets or {})
         self.layer: int | None = None
         self.past = 0          # tokens in the KV cache before this forward (padded coordinates)

@@ -24,7 +24,7 @@ from .attention_edits import apply_attention_edits
 from .context import ApplyContext, visit_stamp
 from .site import POINT_ORDER
 
-__all__ = ["Op", "execute"]
+__all__ = ["Op", "execute", "run_ops", "past_length", "first_tensor", "with_first"]
 
 
 @dataclass
@@ -43,7 +43,8 @@ class Op:
     label: str = field(default="")
 
 
-def _past_length(kwargs: dict[str, Any], layer: int) -> int:
+def past_length(kwargs: dict[str, Any], layer: int) -> int:
+    """Tokens in the KV cache a decoder layer called with ``kwargs`` sees before this forward's rows."""
     cache = kwargs.get("past_key_values")
     if cache is None:
         return 0
@@ -53,11 +54,13 @@ def _past_length(kwargs: dict[str, Any], layer: int) -> int:
         return int(cache.get_seq_length())
 
 
-def _first(value: Any) -> torch.Tensor:
+def first_tensor(value: Any) -> torch.Tensor:
+    """A module output's main tensor (the first of a tuple/list)."""
     return value[0] if isinstance(value, (tuple, list)) else value
 
 
-def _with_first(value: Any, first: torch.Tensor) -> Any:
+def with_first(value: Any, first: torch.Tensor) -> Any:
+    """``value`` with its main tensor replaced by ``first`` (same container type)."""
     if isinstance(value, tuple):
         return (first, *value[1:])
     if isinstance(value, list):
@@ -65,7 +68,8 @@ def _with_first(value: Any, first: torch.Tensor) -> Any:
     return first
 
 
-def _run_ops(ops: list[Op], tensor: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
+def run_ops(ops: list[Op], tensor: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
+    """A copy of ``tensor`` edited by each of ``ops`` in turn."""
     edited = tensor.clone()
     for op in ops:
         op.fn(edited, ctx)
@@ -89,13 +93,13 @@ def execute(model: Any, ops: list[Op], ctx: ApplyContext) -> None:
         if not from_call:
             args, kwargs = view.inputs
             hidden = args[0] if args else kwargs["hidden_states"]
-            ctx.enter_layer(layer, _past_length(kwargs, layer), hidden.shape[1], stamp)
+            ctx.enter_layer(layer, past_length(kwargs, layer), hidden.shape[1], stamp)
 
         if "resid_pre" in by_point:
-            view.input = _run_ops(by_point["resid_pre"], hidden, ctx)
+            view.input = run_ops(by_point["resid_pre"], hidden, ctx)
         if "input_layernorm" in by_point:
             value = view.input_layernorm.output
-            view.input_layernorm.output = _with_first(value, _run_ops(by_point["input_layernorm"], _first(value), ctx))
+            view.input_layernorm.output = with_first(value, run_ops(by_point["input_layernorm"], first_tensor(value), ctx))
         if attention:
             call = model.adapter.attention_call(view.self_attn)
             edits = []
@@ -123,10 +127,10 @@ def execute(model: Any, ops: list[Op], ctx: ApplyContext) -> None:
             call.output = (out, weights, *output[2:])
         if "attn_output" in by_point:
             value = view.self_attn.output
-            view.self_attn.output = _with_first(value, _run_ops(by_point["attn_output"], _first(value), ctx))
+            view.self_attn.output = with_first(value, run_ops(by_point["attn_output"], first_tensor(value), ctx))
         if "mlp_output" in by_point:
             value = view.mlp.output
-            view.mlp.output = _with_first(value, _run_ops(by_point["mlp_output"], _first(value), ctx))
+            view.mlp.output = with_first(value, run_ops(by_point["mlp_output"], first_tensor(value), ctx))
         if "resid_post" in by_point:
             value = view.output
-            view.output = _with_first(value, _run_ops(by_point["resid_post"], _first(value), ctx))
+            view.output = with_first(value, run_ops(by_point["resid_post"], first_tensor(value), ctx))

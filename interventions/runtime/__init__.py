@@ -16,7 +16,8 @@ use it; tests check both runtimes give the same outputs for every primitive.
 """
 
 from .decoder import Decoder, Prefill, StopForward, data_on, sync_device
+from .hooks import HookExecutor, applied
 from .routing import ATTENTION_IMPLEMENTATION, AttentionHook, active_hooks, route_attention
 
 __all__ = ["Decoder", "Prefill", "StopForward", "data_on", "sync_device", "ATTENTION_IMPLEMENTATION",
-           "AttentionHook", "active_hooks", "route_attention"]
+           "AttentionHook", "active_hooks", "route_attention", "applied", "HookExecutor"]
