@@ -20,6 +20,13 @@ forward; ``tests/test_tracing.py`` checks it against a plain loop):
    attention), attending to the cached keys/values of positions ``< p``; the LM head runs
    on the last position only. Conditions with the same first layer are batched.
 
+``interventions=`` adds a user's interventions (e.g. head knockouts) to every clean,
+corrupted and patched forward, on the hook runtime (`interventions.runtime.applied`): the
+patched runs compute a suffix over the cached prefix, and the runtime maps positions to
+rows through the cache length, so the sweep stays exact and as fast (the skipping of
+overwritten positions is turned off: it computes scattered rows). Sinks and their split are
+still taken from the plain clean run.
+
 ``method="attribution"`` estimates every condition to first order instead:
 ``(a_clean - a_corrupt) . d P / d a`` summed over the patched positions and layers, from
 the clean forward, one corrupted forward and a backward pass per effect (two in all).
@@ -30,15 +37,17 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 
+from interventions.base import as_intervention
+from interventions.runtime.hooks import applied
 from nnsight_av.errors import InputError, LayerIndexError, MediaError, TokenSelectionError
 from nnsight_av.inputs import AVInputs
 
@@ -488,10 +497,16 @@ class PatchRunner:
     """
 
     def __init__(self, model: "AVModel", site: str = "input_layernorm", options: Any = "ABCD",
-                 skip_overwritten: bool = True) -> None:
+                 skip_overwritten: bool = True, interventions: Any = None) -> None:
         self.model = model
         self.skip_overwritten = skip_overwritten
         self.site = canonical_site(site)
+        self.interventions = as_intervention(interventions)
+        if self.interventions is not None:
+            clash = sorted({s.point for s in self.interventions.sites()} & {self.site})
+            if clash:
+                raise InputError(f"interventions= edit the patched site {clash[0]!r} itself; patch one site and "
+                                 f"intervene at others")
         self.options = normalize_options(options)
         self.token_ids = option_token_ids(model.tokenizer, self.options)
         self.layers = model.raw("layers")
@@ -511,7 +526,13 @@ class PatchRunner:
         queries left are not contiguous, which needs an explicit mask (sdpa or eager).
         """
         return self.skip_overwritten and self.site in ("input_layernorm", "resid_pre") and \
-            self.attn_impl in ("sdpa", "eager")
+            self.attn_impl in ("sdpa", "eager") and self.interventions is None
+
+    def extra(self, item: "AVInputs") -> ContextManager[Any]:
+        """The user's ``interventions`` on the hook runtime for forwards of ``item``'s layout (else nothing)."""
+        if self.interventions is None:
+            return nullcontext()
+        return applied(self.model, item, self.interventions)
 
     # -- modules -------------------------------------------------------------------
     def _site_module(self, layer: int) -> torch.nn.Module:
@@ -537,10 +558,13 @@ class PatchRunner:
         return module.register_forward_hook(post, prepend=True)
 
     # -- plain forwards -------------------------------------------------------------
-    def _forward(self, item: "AVInputs") -> torch.Tensor:
-        """One forward of ``item`` (hooks already registered); last-position logits ``[vocab]``."""
+    def _forward(self, item: "AVInputs", extra: bool = True) -> torch.Tensor:
+        """One forward of ``item`` (hooks already registered); last-position logits ``[vocab]``.
+
+        ``extra``: apply the user's interventions here (off when the caller opened them first).
+        """
         item = on_device(self.model, item)
-        with last_logits_only(self.model, [len(item) - 1]):
+        with last_logits_only(self.model, [len(item) - 1]), (self.extra(item) if extra else nullcontext()):
             if zeroed_of(item):
                 with self.model.trace(item, use_cache=False):
                     encoder_edit(self.model, item)
@@ -592,7 +616,7 @@ class PatchRunner:
         Returns the record and what ``during()`` returned.
         """
         last = self.num_layers - 1
-        if self.site not in ("input_layernorm", "resid_pre"):
+        if self.site not in ("input_layernorm", "resid_pre") or self.interventions is not None:
             result = during()
             return self.record_clean(item, positions, layers), result
         positions = torch.unique(torch.as_tensor(positions, dtype=torch.long).flatten().cpu())
@@ -637,6 +661,10 @@ class PatchRunner:
     def record_corrupt(self, item: "AVInputs", starts: Sequence[int] | None = None) -> CorruptRecord:
         """Corrupted forward caching the residual at ``starts`` (default: every layer), the keys/values
         and the layer keyword arguments."""
+        with self.extra(item):         # opened first: the recorder below reads each layer's input before it
+            return self._record_corrupt(item, starts)
+
+    def _record_corrupt(self, item: "AVInputs", starts: Sequence[int] | None) -> CorruptRecord:
         starts = set(range(self.num_layers) if starts is None else starts)
         recorder = _KVRecorder()
         resid: dict[int, torch.Tensor] = {}
@@ -662,7 +690,7 @@ class PatchRunner:
             handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
             handles.append(layer.register_forward_hook(post))
         with torch.no_grad(), _hooks(handles):
-            logits = self._forward(item)
+            logits = self._forward(item, extra=False)
         if len(recorder.keys) != self.num_layers:
             raise InputError(f"the model's attention did not use the cache slot in every layer "
                              f"({len(recorder.keys)} of {self.num_layers}); use method='naive' for this model")
@@ -853,7 +881,7 @@ class PatchRunner:
         layers = sorted({l for i in todo + alone for l in conditions[i].layers})
         bar = tqdm(total=len(todo) + len(alone), desc="patched runs", leave=False,
                    disable=not progress or len(todo) + len(alone) < 2)
-        with torch.no_grad(), self._patch_hooks(layers):
+        with torch.no_grad(), self._patch_hooks(layers), self.extra(corrupt.item):
             for i in alone:
                 out[i] = self.probs(self._run_skipping(clean, corrupt, conditions[i]))[0]
                 bar.update(1)
@@ -877,7 +905,7 @@ class PatchRunner:
         out = torch.zeros(len(conditions), len(self.options))
         for i, cond in enumerate(tqdm(conditions, desc="patched runs (naive)", leave=False,
                                       disable=not progress or len(conditions) < 2)):
-            with torch.no_grad(), self.model.trace(item, use_cache=False):
+            with torch.no_grad(), self.extra(item), self.model.trace(item, use_cache=False):
                 if zeroed_of(item):
                     encoder_edit(self.model, item)
                 if cond.positions.numel():
@@ -1278,6 +1306,7 @@ def causal_trace(
     batch_size: int = 4,
     skip_overwritten: bool = True,
     progress: bool = True,
+    interventions: Any = None,
 ) -> TraceResult:
     """Patch clean activations of token sets into the corrupted run and measure IE_clean / IE_corrupt.
 
@@ -1304,6 +1333,9 @@ def causal_trace(
         skip_overwritten: in the exact sweep, do not compute positions whose states the patch
             overwrites up to the last layer (exact; see `PatchRunner._can_skip`). Turn it off when
             your own hooks on the layers expect to see every position.
+        interventions: the user's own interventions (one, a list, or None), applied to every
+            clean, corrupted and patched forward of the trace (e.g. ``AttentionKnockout(...,
+            heads=[...])`` "with these heads knocked out"), at any site but the patched one.
 
     >>> import nnsight_av as nav
     >>> from analyses import ablate
@@ -1330,7 +1362,8 @@ def causal_trace(
     split_list = _per_clip(split, count, single, "split")
     objects_list = _per_clip(objects, count, single, "objects")
     windows = make_windows(model.num_layers, layers, window)
-    runner = PatchRunner(model, site, options, skip_overwritten=skip_overwritten and method == "exact")
+    runner = PatchRunner(model, site, options, skip_overwritten=skip_overwritten and method == "exact",
+                         interventions=interventions)
     listed = list(token_sets.values()) if isinstance(token_sets, Mapping) else \
         ([token_sets] if isinstance(token_sets, str) else list(token_sets))
     names = {n for n in listed if isinstance(n, str)}

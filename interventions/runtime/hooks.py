@@ -15,9 +15,12 @@ forward hooks on the raw modules and from the routed attention function:
 ==================  ==========================================================
 
 Each batch row has its own `ApplyContext` (its input, sets and padding offset), so a batch of
-conditions over one clip, or of several clips, runs in one forward; ops at one point run in
-row order, then in composition order, as in the nnsight engine (a ``Patch(source=k)`` row
-records before the rows it patches). Attention edits make the routed function the
+several clips runs in one forward; ops at one point run in row order, then in composition
+order, as in the nnsight engine (a ``Patch(source=k)`` row records before the rows it
+patches). Set up for one input, the interventions apply to every row of any batch of that
+layout (the conditions of causal tracing, ASD's two branches). Positions map to rows through
+the KV-cache length each layer sees, so forwards that compute a suffix of the sequence over
+a cached prefix (generation steps, the patched runs of causal tracing) edit the right rows. Attention edits make the routed function the
 model's attention backend while the block is open (SDPA for every call it leaves alone).
 """
 
@@ -37,6 +40,11 @@ from ..base import Intervention, as_intervention, normalize_sets
 from ..context import ApplyContext
 from ..engine import Op, first_tensor, past_length, with_first
 from .routing import AttentionHook, route_attention
+
+try:
+    from torch.nn.attention.bias import CausalBias
+except ImportError:  # pragma: no cover - older torch
+    CausalBias = ()
 
 if TYPE_CHECKING:
     from nnsight_av import AVModel
@@ -73,10 +81,21 @@ class HookExecutor(AttentionHook):
         for ctx, _ in self.rows:
             ctx.enter_layer(layer, past, hidden.shape[1], stamp)
 
+    def _batch_rows(self, batch: int) -> list[int]:
+        """Which context serves each batch row: its own, or the only one for every row."""
+        if batch == len(self.rows):
+            return list(range(batch))
+        if len(self.rows) == 1:
+            return [0] * batch
+        raise InputError(f"a forward of batch {batch} ran with interventions set up for {len(self.rows)} rows")
+
     def _edit(self, layer: int, point: str, value: torch.Tensor) -> torch.Tensor:
         edited = value.clone()              # ops edit rows of the copy in place (a view per row)
-        for row, op in self.by_point[(layer, point)]:
-            op.fn(edited[row:row + 1], self.rows[row][0])
+        ops = self.by_point[(layer, point)]
+        for b, row in enumerate(self._batch_rows(value.shape[0])):
+            for r, op in ops:
+                if r == row:
+                    op.fn(edited[b:b + 1], self.rows[row][0])
         return edited
 
     def hooks(self) -> list[Any]:
@@ -119,16 +138,19 @@ class HookExecutor(AttentionHook):
             return out
         out = out.clone()
         groups = query.shape[1] // key.shape[1]
-        for row, (ctx, _) in enumerate(self.rows):
+        for b, row in enumerate(self._batch_rows(query.shape[0])):
+            ctx = self.rows[row][0]
             edits = [edit for r, op in calls if r == row for edit in op.fn(ctx)]
             if edits:
-                pick = slice(row, row + 1)
+                if isinstance(mask, CausalBias):
+                    mask = None                # causal, aligned bottom-right (queries are the last rows), as None is
+                pick = slice(b, b + 1)
                 row_mask = mask[pick] if mask is not None and mask.dim() == 4 and mask.shape[0] > 1 else mask
                 apply_attention_edits(query[pick], key[pick], value[pick], row_mask, scale, out[pick], None, edits,
                                       num_key_value_groups=groups, to_device=ctx.to, memo=ctx.memo)
             for r, op in heads:
                 if r == row:
-                    op.fn(out[row:row + 1], ctx)
+                    op.fn(out[b:b + 1], ctx)
         return out
 
 
