@@ -32,8 +32,10 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from interventions.attention import AttentionBoost
 from interventions.attention_edits import boost_amount, boost_bias, boosted_attention
 from interventions.runtime.decoder import Decoder, sync_device
+from interventions.runtime.hooks import applied
 from interventions.runtime.routing import AttentionHook
 from nnsight_av.errors import InputError, TokenSelectionError
 
@@ -143,7 +145,26 @@ class ASDConfig:
         return list(range(min(start, last), min(end, last) + 1))
 
     def boost_layers(self, num_layers: int) -> list[int]:
+        """The layers the guided pass boosts, clipped to a model of ``num_layers``."""
         return self._clip(self.boost_start, self.boost_end, num_layers)
+
+    def guided_pass(self, sets: Mapping[str, Any], num_layers: int) -> AttentionBoost:
+        """The guided pass as an intervention primitive: what `asd_generate`'s fused kernels compute.
+
+        An `AttentionBoost` of the ``boost_rows`` query rows (prompt text and generated rows, or
+        generated rows only) on the ``boost_sets`` columns of ``sets`` (the av/va/aa/vv positions),
+        at `boost_layers`, with ``alpha`` and ``boost_mode``. Run it with ``interventions.run`` /
+        ``interventions.generate`` (either runtime) to get the guided branch alone; the tests
+        check it against the guided log-probabilities ASD keeps.
+
+        >>> iv = ASDConfig(boost_start=1).guided_pass({"av": [5], "va": [2], "aa": [], "vv": []}, 4)
+        >>> iv.keys, iv.site.layers, iv.alpha
+        ((2, 5), (1, 2, 3), 0.2)
+        """
+        cols = sorted({int(p) for name in self.boost_sets for p in torch.as_tensor(sets[name]).flatten().tolist()})
+        queries = ["text", "generated"] if self.boost_rows == "text" else "generated"
+        return AttentionBoost(queries=queries, keys=cols, layers=self.boost_layers(num_layers), alpha=self.alpha,
+                              mode=self.boost_mode, allow_empty=True)
 
     def target_layers(self, num_layers: int) -> list[int]:
         return self._clip(self.target_start, self.target_end, num_layers)
@@ -658,6 +679,7 @@ def asd_generate(
     sinks: Any = None,
     keep_logprobs: bool = False,
     backend: str = "auto",
+    interventions: Any = None,
 ) -> ASDOutput:
     """Sink-guided decoding (greedy choice on the mixed log-probabilities).
 
@@ -668,7 +690,9 @@ def asd_generate(
     boost, every step falls back to greedy (``steps["fallback"]``, with the reason); a step
     whose statistics are unusable (no attention on any sink set) falls back too. Nothing
     becomes NaN. ``backend``: decode attention through the Triton kernel on CUDA ("auto"),
-    or the written-out torch path ("torch").
+    or the written-out torch path ("torch"). ``interventions``: the user's own, applied to every
+    forward (the sink-finding prefill, both branches, every step) on the hook runtime, on top
+    of ASD's routed attention.
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
@@ -738,7 +762,7 @@ def asd_generate(
         for key, value in zip(steps, values):
             steps[key].append(value)
 
-    with torch.inference_mode(), decoder.hooked(hook):
+    with torch.inference_mode(), decoder.hooked(hook), applied(model, ex, interventions):
         if fused:
             hook.mode = "analysis"
         else:

@@ -27,6 +27,7 @@ from nnsight_av.inputs import AVInputs
 
 from interventions.attention_edits import boosted_attention  # noqa: F401  (re-exported)
 from interventions.runtime.decoder import Decoder, Prefill, StopForward, data_on, sync_device  # noqa: F401
+from interventions.runtime.hooks import applied
 from interventions.runtime.routing import ATTENTION_IMPLEMENTATION, AttentionHook  # noqa: F401
 
 from .results import JsonResult, read_json
@@ -125,10 +126,13 @@ def as_inputs(model: "AVModel", inputs: Any) -> "AVInputs":
 # ---------------------------------------------------------------------------------------
 # greedy
 # ---------------------------------------------------------------------------------------
-def greedy_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64) -> DecodeOutput:
+def greedy_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64, *,
+                    interventions: Any = None) -> DecodeOutput:
     """Greedy decoding with a KV cache (the baseline every other method is timed against).
 
     Equal to ``model.generate(ex, do_sample=False)`` token for token; it stops at EOS.
+    ``interventions``: applied at the prefill and every step (`interventions.runtime.applied`),
+    the same as ``interventions.generate(model, ex, iv, runtime="hooks")``.
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
@@ -141,7 +145,7 @@ def greedy_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 
     ex = as_inputs(model, inputs)
     decoder = Decoder(model)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), applied(model, ex, interventions):
         prefill = decoder.prefill(decoder.data(ex))
         ids, finished = _greedy_loop(decoder, prefill, max_new_tokens, lambda lg: lg[0].argmax(), prefill.cache, 1)
     sync_device(decoder.device)
@@ -219,7 +223,8 @@ def noised_features(inputs: "AVInputs | dict[str, Any]", noise_step: int = 500, 
 
 def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64, alpha: float = 1.0,
                  beta: float = 0.1, noise_step: int = 500, seed: int = 0,
-                 modalities: Sequence[str] = ("video", "audio"), schedule: str = "sigmoid") -> DecodeOutput:
+                 modalities: Sequence[str] = ("video", "audio"), schedule: str = "sigmoid", *,
+                 interventions: Any = None) -> DecodeOutput:
     """Visual contrastive decoding extended to audio and video (Leng et al., 2024).
 
     The clean prompt and a copy whose video and audio features are noised (`noised_features`)
@@ -228,6 +233,8 @@ def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     ``p(x) >= beta * max p(x)``; the argmax is taken (greedy). ``noise_step`` and
     ``schedule`` set how noisy the contrast copy is (default: step 500 of VCD's sigmoid
     schedule, as in VCD's released code; ``schedule="linear"`` is DDPM's, much noisier).
+
+    ``interventions``: applied to every forward of both rows, prompt and steps (the hook runtime).
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
@@ -251,7 +258,7 @@ def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
         plausible = clean >= clean.max() + log_beta
         return contrast.masked_fill(~plausible, float("-inf")).argmax()
 
-    with torch.inference_mode():
+    with torch.inference_mode(), applied(model, ex, interventions):     # both rows: the clean and noised runs
         clean = dict(ex.data)
         noisy = noised_features(clean, noise_step, seed, modalities, schedule)
         batch = model.adapter.collate([clean, noisy], padding_side="right", pad_id=0)
@@ -319,7 +326,7 @@ class _ForkHook(AttentionHook):
 
 
 def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64, fork_layer: int | None = None,
-                 merge: str | float = "attention", eps: float = 1e-8) -> DecodeOutput:
+                 merge: str | float = "attention", eps: float = 1e-8, *, interventions: Any = None) -> DecodeOutput:
     """Fork-merge decoding (Jung et al., 2025), as we read it.
 
     Fork: decoder layers ``0 .. fork_layer - 1`` run on two versions of the prompt, an
@@ -335,6 +342,8 @@ def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     ``w = 0.5``; a float: that ``w``. Generated tokens go through the same fork and merge
     with the prompt's ``w``. ``fork_layer`` defaults to a quarter of the depth. Building the two
     blanked inputs runs the processor; its time is in ``meta["prepare_ms"]``, not in ``ms``.
+
+    ``interventions``: applied to every forward of both rows, prompt and steps (the hook runtime).
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
@@ -387,7 +396,7 @@ def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     batch = model.adapter.collate([audio_only.data, video_only.data], padding_side="right", pad_id=0)
     prepare_ms = (time.perf_counter() - prepare_start) * 1000
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), applied(model, ex, interventions):     # both branches (one layout)
         handle = decoder.layers[fork].register_forward_pre_hook(merge_states, with_kwargs=True)
         try:
             with decoder.hooked(hook):

@@ -89,3 +89,40 @@ def test_hook_runtime_leaves_nothing_behind(tiny, av_example):
     assert (len(attn._forward_hooks), tiny.attn_implementation) == before
     with pytest.raises(nav.InputError, match="runtime must be"):
         ivs.run(tiny, av_example, None, runtime="fast")
+
+
+def test_decoding_methods_take_a_users_interventions(tiny, av_example):
+    """greedy/VCD/FMD/ASD apply the same intervention objects; greedy equals the nnsight runtime's generation."""
+    from analyses.asd import ASDConfig, asd_generate
+    from analyses.decoding import fmd_generate, greedy_generate, vcd_generate
+
+    iv = ivs.AttentionBoost(queries="text", keys="audio", alpha=3.0) + ivs.Zero(tokens="video", layers=[0, 1])
+    out = greedy_generate(tiny, av_example, max_new_tokens=5, interventions=iv)
+    ref = ivs.generate(tiny, av_example, iv, max_new_tokens=5)             # an nnsight trace per step
+    assert out.token_ids == ref[0, len(av_example):].tolist()[:len(out.token_ids)]
+    assert out.token_ids != greedy_generate(tiny, av_example, max_new_tokens=5).token_ids
+    sets = {"av": av_example.spans.audio[:2], "va": av_example.spans.video[:2],
+            "aa": av_example.spans.audio[2:4], "vv": av_example.spans.video[2:4]}
+    for run in (lambda **kw: vcd_generate(tiny, av_example, max_new_tokens=3, **kw),
+                lambda **kw: fmd_generate(tiny, av_example, max_new_tokens=3, **kw),
+                lambda **kw: asd_generate(tiny, av_example, max_new_tokens=3, config=ASDConfig(boost_start=1),
+                                          sinks=sets, backend="torch", **kw)):
+        assert run(interventions=iv).token_ids != run().token_ids
+
+
+@pytest.mark.parametrize("mode", ["pre_softmax", "multiplicative"])
+def test_asd_guided_pass_is_the_attention_boost_primitive(tiny, av_example, mode):
+    """ASD's fused guided branch (first token) = `ASDConfig.guided_pass` run as a plain intervention, both runtimes."""
+    from analyses.asd import ASDConfig, asd_generate
+
+    sets = {"av": av_example.spans.audio[:3], "va": av_example.spans.video[:3],
+            "aa": av_example.spans.audio[3:6], "vv": av_example.spans.video[3:6]}
+    config = ASDConfig(boost_start=1, alpha=2.0, boost_mode=mode)
+    out = asd_generate(tiny, av_example, max_new_tokens=1, config=config, sinks=sets, keep_logprobs=True,
+                       backend="torch")
+    unguided, guided = out.logprobs[0]
+    iv = config.guided_pass(sets, tiny.num_layers)
+    for runtime in ("nnsight", "hooks"):
+        ref = torch.log_softmax(ivs.run(tiny, av_example, iv, runtime=runtime)[0, -1].float(), -1)
+        torch.testing.assert_close(guided, ref, rtol=0, atol=1e-4)
+    assert not torch.allclose(guided, unguided, atol=1e-4)
