@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float, Int
 
 from nnsight_av.errors import InputError, TokenSelectionError
+from nnsight_av.spans import MODALITY_CODES
 
 from .results import JsonResult, read_json
 from .attention import (group_counts, row_group_ids, as_list, batch_tensors, column_attention_sums, column_sums,
@@ -276,8 +277,9 @@ def _sink_positions(sinks: Any, item: "AVInputs") -> tuple[torch.Tensor, list[st
             raise TokenSelectionError(f"sink positions must lie in [0, {len(item)})")
     codes = np.frombuffer(modality_codes(item).encode("ascii"), dtype=np.uint8)
     keep = np.unique(pos.numpy())
-    keep = keep[np.isin(codes[keep], [ord("V"), ord("A")])]
-    return torch.from_numpy(keep).long(), ["video" if codes[p] == ord("V") else "audio" for p in keep]
+    video, audio = ord(MODALITY_CODES["video"]), ord(MODALITY_CODES["audio"])
+    keep = keep[np.isin(codes[keep], [video, audio])]
+    return torch.from_numpy(keep).long(), ["video" if codes[p] == video else "audio" for p in keep]
 
 
 def modality_dominance(

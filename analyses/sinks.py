@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from nnsight_av.errors import AdapterError, InputError
+from nnsight_av.spans import MODALITY_CODES
 
 from .results import JsonResult, read_json
 from .attention import as_list, progress_batches, run_prefill
@@ -44,8 +45,7 @@ __all__ = ["phi", "sink_scores", "sink_mask", "SINK_CRITERIA", "first_token_phi"
 RMS_EPS = 1e-6
 #: How a token's score at a layer becomes "sink or not" (see the module docstring).
 SINK_CRITERIA = ("phi", "magnitude")
-_MODALITY_CODE = {"video": "V", "audio": "A", "image": "I", "text": "."}
-_CODE_MODALITY = {v: k for k, v in _MODALITY_CODE.items()}
+_CODE_MODALITY = {v: k for k, v in MODALITY_CODES.items()}
 
 
 def phi(h: Float[torch.Tensor, "... hidden"]) -> Float[torch.Tensor, "... hidden"]:
@@ -301,7 +301,7 @@ class SinkResult(JsonResult):
 
     def _kept(self, which: set[str]) -> torch.Tensor:
         ranked = self.ranked
-        wanted = np.array([ord(_MODALITY_CODE[m]) for m in which], dtype=np.uint8)
+        wanted = np.array([ord(MODALITY_CODES[m]) for m in which], dtype=np.uint8)
         keep = ranked.numpy()[np.isin(self.codes[ranked.numpy()], wanted)]
         return torch.from_numpy(np.sort(keep)).long()
 
@@ -388,7 +388,7 @@ def modality_codes(item: "AVInputs") -> str:
     """One character per position: V video, A audio, I image, . text (as ``AVInputs.layout()``)."""
     codes = np.full(len(item), ord("."), dtype=np.uint8)
     for name in ("video", "audio", "image"):
-        codes[item.spans.get(name).numpy()] = ord(_MODALITY_CODE[name])
+        codes[item.spans.get(name).numpy()] = ord(MODALITY_CODES[name])
     return codes.tobytes().decode("ascii")
 
 

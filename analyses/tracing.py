@@ -47,6 +47,7 @@ import torch
 from jaxtyping import Float, Int
 
 from interventions.base import as_intervention
+from interventions.site import ALIASES, canonical_role
 from interventions.runtime.hooks import applied
 from nnsight_av.errors import InputError, LayerIndexError, MediaError, TokenSelectionError
 from nnsight_av.inputs import AVInputs
@@ -70,9 +71,6 @@ __all__ = ["causal_trace", "TraceResult", "SITES", "TOKEN_SETS", "DEFAULT_TOKEN_
 #: (the paper's default); ``resid_pre`` / ``resid_post``: a layer's input / output;
 #: ``attn_output`` / ``mlp_output``: the attention block's / MLP's output.
 SITES = ("input_layernorm", "resid_pre", "resid_post", "attn_output", "mlp_output")
-_SITE_ALIASES = {"residual": "resid_pre", "layer_input": "resid_pre", "layer_output": "resid_post",
-                 "self_attn": "attn_output", "attn": "attn_output", "mlp": "mlp_output",
-                 "before_attn": "input_layernorm"}
 _SITE_ROLE = {"input_layernorm": "input_layernorm", "attn_output": "self_attn", "mlp_output": "mlp"}
 #: Built-in token sets (all of the non-dominant modality's tokens, or subsets of them).
 TOKEN_SETS = ("all", "sink", "random", "object", "cross_modal_sink", "unimodal_sink", "random_cross_modal_sink",
@@ -84,14 +82,19 @@ _RANDOM_OF = {"random": "sink", "random_cross_modal_sink": "cross_modal_sink",
 
 
 def canonical_site(site: str) -> str:
-    """``site`` with aliases resolved; `InputError` on an unknown one.
+    """``site`` with aliases resolved (the one table, `interventions.site.ALIASES`); `InputError` on an
+    unknown site or one that cannot be patched.
 
-    >>> canonical_site("residual"), canonical_site("input_layernorm")
+    >>> canonical_site("layer_input"), canonical_site("input_layernorm")
     ('resid_pre', 'input_layernorm')
     """
-    name = _SITE_ALIASES.get(site, site)
+    try:
+        name = canonical_role(site)
+    except InputError:
+        name = None
     if name not in SITES:
-        raise InputError(f"unknown site {site!r}; choose one of {SITES} (aliases: {sorted(_SITE_ALIASES)})")
+        raise InputError(f"unknown site {site!r} for patching; choose one of {SITES} (aliases: "
+                         f"{sorted(a for a, r in ALIASES.items() if r in SITES)})")
     return name
 
 

@@ -16,10 +16,11 @@ import torch
 
 from nnsight_av.errors import InputError
 from nnsight_av.inputs import AVInputs
+from nnsight_av.spans import MODALITIES
 
 from .selectors import normalize_selector, resolve_tokens
 
-__all__ = ["ApplyContext", "current_invoke"]
+__all__ = ["ApplyContext", "current_invoke", "MODALITIES"]
 
 
 def _mediator() -> Any:
@@ -175,8 +176,6 @@ class ApplyContext:
         ids[inside] = self._modality_table[positions[inside]]
         return ids
 
-
-MODALITIES = ("audio", "video", "image", "text")
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from nnsight_av.errors import FormatError, InputError
+from nnsight_av.spans import MODALITY_CODES
 
 from .base import Intervention, register_intervention
 from .cache import ActivationCache, layout_signature
@@ -148,7 +149,7 @@ def _check_layout(cache_layout: tuple, ctx: ApplyContext, what: str) -> None:
 
 def _describe(signature: tuple) -> str:
     length, layout, chunks = signature
-    counts = {m: layout.count(c) for m, c in (("video", "V"), ("audio", "A"), ("image", "I"))}
+    counts = {m: layout.count(MODALITY_CODES[m]) for m in ("video", "audio", "image")}
     return f"{length} tokens, " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f", chunks={list(chunks)}"
 
 
