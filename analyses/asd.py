@@ -42,6 +42,7 @@ from nnsight_av.errors import InputError, TokenSelectionError
 from .attention import attention_with_lse, column_sums
 from .decoding import DecodeOutput, as_inputs, check_new_tokens
 from .mds import MDSResult, sink_analysis
+from .sink_config import ASD_SINKS, SinkConfig
 from .sinks import SinkResult, resolve_sink_dims, sink_scores
 
 if TYPE_CHECKING:
@@ -60,8 +61,10 @@ SINK_SETS = ("av", "va", "aa", "vv")
 class ASDConfig:
     """Every constant of ASD, with the paper's defaults (METHOD.md section 6).
 
-    Sinks: ``k_divide`` (N in K = int(T / N)), ``sink_dims`` / ``tau`` (None: the adapter's),
-    ``split_rule`` ("rank" or "sign").
+    Sinks: ``sinks``, a `SinkConfig` (default `ASD_SINKS`: N = 3, where tracing uses 2);
+    ``k_divide`` (N in K = int(T / N)), ``sink_dims`` / ``tau`` (None: the adapter's) and
+    ``split_rule`` ("rank" or "sign") are shortcuts that override its fields, and read back
+    the effective values.
     Guided pass: ``alpha``; ``boost_mode`` ("pre_softmax": a + alpha |a|, or "multiplicative");
     ``boost_sets`` (the boosted columns); layers ``boost_start .. boost_end`` inclusive
     (None: the last layer); ``boost_rows``: "text" (prompt text rows and generated rows) or
@@ -81,11 +84,11 @@ class ASDConfig:
     ([3], [3])
     """
 
-    k_divide: float = 3.0
+    k_divide: float | None = None
     sink_dims: tuple[int, ...] | None = None
     tau: float | None = None
     criterion: str | None = None
-    split_rule: str = "rank"
+    split_rule: str | None = None
     alpha: float = 0.2
     boost_mode: str = "pre_softmax"
     boost_sets: tuple[str, ...] = ("av", "va")
@@ -106,21 +109,24 @@ class ASDConfig:
     momentum: float = 0.5
     first_strength: float = 0.0
     eps: float = 1e-8
+    sinks: SinkConfig | None = None
 
     def __post_init__(self) -> None:
+        # One sink config: the shortcuts override its fields and then read back the effective values.
+        sinks = ASD_SINKS if self.sinks is None else SinkConfig.from_dict(self.sinks)
+        sinks = sinks.with_(dims=self.sink_dims, tau=self.tau, k_divide=self.k_divide, split_rule=self.split_rule,
+                            criterion=self.criterion)
+        object.__setattr__(self, "sinks", sinks)
+        for name, value in (("k_divide", sinks.k_divide), ("sink_dims", sinks.dims), ("tau", sinks.tau),
+                            ("split_rule", sinks.split_rule), ("criterion", sinks.criterion)):
+            object.__setattr__(self, name, value)
         for name in ("boost_sets", "cross_sets", "unimodal_sets"):
             value = tuple(getattr(self, name))
             object.__setattr__(self, name, value)
             bad = [s for s in value if s not in SINK_SETS]
             if bad:
                 raise InputError(f"ASDConfig.{name}: unknown sink sets {bad}; use {list(SINK_SETS)}")
-        if self.sink_dims is not None:
-            object.__setattr__(self, "sink_dims", tuple(int(d) for d in self.sink_dims))
         checks = [
-            (self.k_divide > 0, f"k_divide must be positive, got {self.k_divide}"),
-            (self.split_rule in ("rank", "sign"), f"split_rule must be 'rank' or 'sign', got {self.split_rule!r}"),
-            (self.criterion in (None, "phi", "magnitude"),
-             f"criterion must be None, 'phi' or 'magnitude', got {self.criterion!r}"),
             (self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
             (self.boost_mode in ("pre_softmax", "multiplicative"),
              f"boost_mode must be 'pre_softmax' or 'multiplicative', got {self.boost_mode!r}"),
@@ -170,15 +176,23 @@ class ASDConfig:
         return self._clip(self.target_start, self.target_end, num_layers)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+        """Every setting; the sink settings once, under ``"sinks"``."""
+        out = {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)
+               if f.name not in SINK_SHORTCUTS and f.name != "sinks"}
+        return {**out, "sinks": self.sinks.to_dict()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ASDConfig":
+        """From `to_dict` output (older files with flat sink keys load too)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(f"unknown ASDConfig fields {unknown}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+#: The flat sink fields of `ASDConfig` (shortcuts for its ``sinks``).
+SINK_SHORTCUTS = ("k_divide", "sink_dims", "tau", "split_rule", "criterion")
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,9 +286,7 @@ def asd_sink_sets(model: "AVModel", inputs: "AVInputs", config: ASDConfig = ASDC
     device = model.raw("embed").weight.device
     if device.type != "cpu":
         ex = ex.to(device)
-    analysis = sink_analysis(model, ex, dims=config.sink_dims, tau=config.tau, k_divide=config.k_divide,
-                             criterion=config.criterion,
-                             progress=False)
+    analysis = sink_analysis(model, ex, **config.sinks.search_kwargs(), progress=False)
     return _as_sets(analysis.mds.split(rule=config.split_rule), len(ex))
 
 
@@ -563,7 +575,8 @@ def _fused_sink_sets(hook: _ASDHook, scores: dict[int, torch.Tensor], ex: "AVInp
     """Global sinks and their MDS split from the fused prefill (what `sink_analysis` computes)."""
     layers = list(range(num_layers))
     score = torch.stack([scores[l].float().cpu() for l in layers])
-    sinks = SinkResult(score, layers, list(dims), tau, float(config.k_divide), ex.layout(), criterion=criterion)
+    sinks = SinkResult(score, layers, list(dims), tau, float(config.k_divide), ex.layout(), config.sinks.k,
+                       criterion=criterion)
     labels = ex.spans.modality_of()
     keep = [int(p) for p in sinks.positions.tolist() if labels[int(p)] in ("video", "audio")]
     pos = torch.tensor(keep, dtype=torch.long)

@@ -22,6 +22,7 @@ from .datasets import ClipRecord, read_dataset
 from .dominance import DominanceResult, dominance_label
 from .mds import sink_analysis
 from .options import on_device
+from .sink_config import SinkConfig
 from .tracing import PatchRunner, TraceResult, make_windows, resolve_token_sets, trace_clip
 
 if TYPE_CHECKING:
@@ -36,7 +37,11 @@ __all__ = ["ResultStore", "shard_info", "shard_path", "run_clips", "merge_shards
 # ---------------------------------------------------------------------------------------
 @dataclass
 class PipelineConfig:
-    """Settings of `analyze_clip` / `trace_dataset` (every default of METHOD.md sections 2-5)."""
+    """Settings of `analyze_clip` / `trace_dataset` (every default of METHOD.md sections 2-5).
+
+    ``sinks``: a `SinkConfig` (default: N = 2, the tracing default); ``k_divide``, ``sink_dims``,
+    ``tau``, ``split_rule`` are shortcuts that override its fields and read back the effective values.
+    """
 
     token_sets: Sequence[str] = ("all", "sink", "random", "cross_modal_sink", "unimodal_sink",
                                  "random_cross_modal_sink")
@@ -46,19 +51,29 @@ class PipelineConfig:
     method: str = "exact"
     ablation: str = "raw"
     correctness: bool = False
-    k_divide: float = 2
+    k_divide: float | None = None
     sink_dims: Sequence[int] | None = None
     tau: float | None = None
     criterion: str | None = None
-    split_rule: str = "rank"
+    split_rule: str | None = None
     seed: int = 0
     batch_size: int = 4
     skip_overwritten: bool = True
     options: Any = None                       # None: each record's own options
     object_set: bool = True                   # add the "object" set for clips with object annotations
+    sinks: SinkConfig | None = None
+
+    def __post_init__(self) -> None:
+        sinks = SinkConfig.from_dict(self.sinks).with_(dims=self.sink_dims, tau=self.tau, k_divide=self.k_divide,
+                                                       split_rule=self.split_rule, criterion=self.criterion)
+        self.sinks = sinks
+        self.k_divide, self.sink_dims, self.tau, self.split_rule, self.criterion = \
+            sinks.k_divide, sinks.dims, sinks.tau, sinks.split_rule, sinks.criterion
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        """Every setting as JSON (the sink settings under ``"sinks"`` and, for old readers, flat too)."""
+        return {k: (list(v) if isinstance(v, tuple) else v.to_dict() if isinstance(v, SinkConfig) else v)
+                for k, v in self.__dict__.items()}
 
 
 def analyze_clip(model: "AVModel", record: ClipRecord, config: PipelineConfig | None = None) -> dict[str, Any]:
@@ -124,8 +139,7 @@ def analyze_clip(model: "AVModel", record: ClipRecord, config: PipelineConfig | 
 
 def pipeline_sinks(model: "AVModel", clean: Any, config: PipelineConfig) -> tuple[Any, Any]:
     """Global sinks of ``clean`` and their MDS split, as `analyze_clip` computes them."""
-    kwargs = {"dims": config.sink_dims, "tau": config.tau, "k_divide": config.k_divide, "criterion": config.criterion}
-    sinks, scores = sink_analysis(model, clean, progress=False, **kwargs)
+    sinks, scores = sink_analysis(model, clean, progress=False, **config.sinks.search_kwargs())
     return sinks, scores.split(rule=config.split_rule)
 
 

@@ -44,3 +44,34 @@ def test_modality_codes_are_one_table(av_example):
     labels = av_example.spans.modality_of()
     assert av_example.layout() == "".join(MODALITY_CODES[m] for m in labels)
     assert ivs.MODALITIES is MODALITIES
+
+
+# -- one sink config -----------------------------------------------------------------------------
+def test_sink_config_defaults_follow_the_method_and_round_trip():
+    from analyses import ASD_SINKS, SinkConfig
+    from analyses.asd import ASDConfig
+    from analyses.runner import PipelineConfig
+
+    assert SinkConfig().k_divide == 2.0 and ASD_SINKS.k_divide == 3.0          # METHOD.md sections 5 and 6
+    assert PipelineConfig().sinks == SinkConfig() and ASDConfig().sinks == ASD_SINKS
+    config = SinkConfig(dims=[458, 2570], tau=25, k=100, split_rule="sign")
+    assert SinkConfig.from_dict({**config.to_dict(), "criterion_added_later": "ratio"}) == config
+    asd = ASDConfig(sinks=config, alpha=0.3)
+    assert (asd.k_divide, asd.sink_dims, asd.tau, asd.split_rule) == (2.0, (458, 2570), 25.0, "sign")
+    assert ASDConfig.from_dict(asd.to_dict()) == asd and "k_divide" not in asd.to_dict()
+    assert ASDConfig.from_dict({"k_divide": 4, "tau": 2.0}).sinks == ASD_SINKS.with_(k_divide=4, tau=2.0)
+    pipe = PipelineConfig(sink_dims=[0, 1], tau=2.0)
+    assert pipe.sinks == SinkConfig(dims=(0, 1), tau=2.0) and pipe.to_dict()["sinks"]["dims"] == [0, 1]
+
+
+@pytest.mark.parametrize("bad, match", [({"k_divide": 0}, "k_divide"), ({"split_rule": "median"}, "split_rule"),
+                                        ({"k": -1}, "k must be"), ({"dims": "458"}, "dims")])
+def test_bad_sink_settings_are_clear_errors(bad, match):
+    from analyses import SinkConfig
+    from analyses.asd import ASDConfig
+
+    with pytest.raises(ivs.site.InputError, match=match):
+        SinkConfig(**bad)
+    if "k" not in bad and "dims" not in bad:
+        with pytest.raises(ivs.site.InputError, match=match):
+            ASDConfig(**bad)
