@@ -27,9 +27,11 @@ from .ablation import ablate
 from .clips import error_record, run_clips
 from .datasets import ClipRecord, read_dataset
 from .options import normalize_options, option_probs
+from .plots import plot_dominance
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.figure import Figure
 
     from nnsight_av import AVInputs, AVModel
 
@@ -131,6 +133,20 @@ class DominanceResult:
                 row[f"p_{run}"] = probs[options.index(answer)] if probs and answer in (options or []) else None
             rows.append(row)
         return pd.DataFrame(rows).set_index("id")
+
+    def to_frame(self) -> "pd.DataFrame":
+        """The tidy table: one row per clip (``frame`` with ``id`` as a column)."""
+        return self.frame.reset_index()
+
+    def summary(self) -> "pd.DataFrame":
+        """One row per label (audio, video, neither, error) with its clip count."""
+        import pandas as pd
+
+        return pd.DataFrame(list(self.counts().items()), columns=["dominance", "clips"])
+
+    def plot(self, ax: Any = None) -> "Figure":
+        """Clips per dominance label; see `analyses.plots.plot_dominance`."""
+        return plot_dominance(self, ax=ax)
 
     def __repr__(self) -> str:
         return f"DominanceResult({self.counts()})"

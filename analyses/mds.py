@@ -215,6 +215,12 @@ class MDSResult(JsonResult):
     def plot_heatmap(self, **kwargs: Any) -> "Figure":
         return plot_mds_heatmap(self, **kwargs)
 
+    def plot(self, kind: str = "heatmap", **kwargs: Any) -> "Figure":
+        """``kind="heatmap"`` (`plot_mds_heatmap`) or ``"distribution"`` (`plot_mds_distribution`)."""
+        if kind not in ("heatmap", "distribution"):
+            raise InputError(f"kind must be 'heatmap' or 'distribution', got {kind!r}")
+        return plot_mds_heatmap(self, **kwargs) if kind == "heatmap" else plot_mds_distribution(self, **kwargs)
+
     def plot_distribution(self, **kwargs: Any) -> "Figure":
         return plot_mds_distribution(self, **kwargs)
 

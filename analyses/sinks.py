@@ -346,21 +346,28 @@ class SinkResult(JsonResult):
             "kept": [labels[p] != "text" for p in ranked],
         })
 
-    def summary(self) -> dict[str, Any]:
+    def facts(self) -> dict[str, Any]:
+        """The headline numbers as a dict (what `summary` holds as one row)."""
         return {"length": self.length, "layers": len(self.layers), "dims": self.dims, "tau": self.tau,
                 "criterion": self.criterion,
                 "K": self.K, "sink_positions_any_layer": int((self.counts > 0).sum()),
                 "kept": int(self.positions.numel()), "video": int(self.video.numel()),
                 "audio": int(self.audio.numel()), "dropped_text": int(self.dropped_text.numel())}
 
+    def summary(self) -> "pd.DataFrame":
+        """One row: length, layers, dims, tau, K and how many sinks of each modality were kept."""
+        import pandas as pd
+
+        return pd.DataFrame([self.facts()])
+
     def __repr__(self) -> str:
-        s = self.summary()
+        s = self.facts()
         dims = s["dims"] if len(s["dims"]) <= 6 else f"[{len(s['dims'])} channels]"
         return (f"SinkResult(T={s['length']}, layers={s['layers']}, dims={dims}, tau={s['tau']:g}, K={s['K']}, "
                 f"video={s['video']}, audio={s['audio']}, dropped_text={s['dropped_text']})")
 
     def _repr_html_(self) -> str:
-        rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in self.summary().items())
+        rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in self.facts().items())
         head = self.to_frame().head(20).to_html(index=False)
         return f"<b>SinkResult</b><table>{rows}</table>{head}"
 

@@ -55,6 +55,7 @@ from nnsight_av.inputs import AVInputs
 from .ablation import check_same_layout, encoder_edit, zeroed_of
 from .mds import modality_dominance, sink_analysis
 from .sinks import find_sinks
+from .plots import LABEL_WIDTH, plot_trace_bars, plot_trace_heatmap  # noqa: F401  (LABEL_WIDTH: old home)
 from .options import last_logits_only, letter_probs, normalize_options, on_device, option_token_ids
 
 if TYPE_CHECKING:
@@ -1039,66 +1040,26 @@ class TraceResult:
 
     # -- plots ---------------------------------------------------------------------------
     def plot_bars(self, effect: str = "both", scale: float = 100.0, ax: Any = None) -> "Figure":
-        """Bar chart of the mean effect per token set (x ``scale``) over clips, error bars ± 1 s.e.m.
-
-        The axis label says what the bars and error bars are and over how many clips. Shows
-        in Jupyter as it is returned; an empty result gives a figure that says "no data".
-        """
-        from .plots import figure, no_data
-
-        names = ["ie_clean", "ie_corrupt"] if effect == "both" else [_effect_column(effect)]
-        if ax is None:
-            sets = self.effects["token_set"].unique()
-            fig = figure(1.6 + 1.1 * max(len(sets), 1) + _label_room(sets, 0.05), 3.4 + _label_room(sets, 0.035))
-        else:
-            fig = ax.figure
-        if self.effects.empty:
-            return no_data(fig, "no data: no traced clips", ax=ax)
-        ax = ax if ax is not None else fig.add_subplot(1, 1, 1)
-        grouped = self.effects.groupby("token_set", sort=False)
-        mean = grouped[names].mean() * scale
-        sem = grouped[names].sem().fillna(0.0) * scale
-        clips = grouped["clip"].nunique()
-        width = 0.8 / len(names)
-        x = np.arange(len(mean))
-        for j, name in enumerate(names):
-            ax.bar(x + (j - (len(names) - 1) / 2) * width, mean[name].values, width, yerr=sem[name].values,
-                   label=name.replace("ie_", "IE_"), capsize=2)
-        ax.set_xticks(x, [_wrap(name) for name in mean.index], rotation=30, ha="right")
-        ax.axhline(0, color="black", lw=0.6)
-        count = f"{clips.min()}" if clips.min() == clips.max() else f"{clips.min()}-{clips.max()}"
-        ax.set_ylabel(f"effect x{scale:g}: mean ± 1 s.e.m.\nover {count} clip{'s' if clips.max() != 1 else ''}")
-        ax.legend(frameon=False)
-        return fig
+        """Bar chart of the mean effect per token set (x ``scale``), with the standard error."""
+        return plot_trace_bars(self, effect, scale, ax)
 
     def plot_heatmap(self, effect: str = "ie_clean", scale: float = 100.0, ax: Any = None) -> "Figure":
-        """Layer window (rows, by first layer) x token set heatmap of the mean effect over clips (ROME-style).
+        """Layer window (rows, by first layer) x token set heatmap of the mean effect (ROME-style)."""
+        return plot_trace_heatmap(self, effect, scale, ax)
 
-        Laid out so that long token-set names are not clipped, also when saved; an empty result
-        gives a figure that says "no data".
-        """
-        from .plots import figure, no_data
+    def plot(self, kind: str = "bars", **kwargs: Any) -> "Figure":
+        """``kind="bars"`` (`plot_trace_bars`) or ``"heatmap"`` (`plot_trace_heatmap`); see `analyses.plots`."""
+        if kind not in ("bars", "heatmap"):
+            raise InputError(f"kind must be 'bars' or 'heatmap', got {kind!r}")
+        return plot_trace_bars(self, **kwargs) if kind == "bars" else plot_trace_heatmap(self, **kwargs)
 
-        column = _effect_column(effect)
-        table = (self.effects.groupby(["layer_start", "token_set"], sort=False)[column].mean() * scale).unstack()
-        table = table.sort_index()
-        if ax is None:
-            fig = figure(2.2 + 0.9 * max(table.shape[1], 1) + _label_room(table.columns, 0.05),
-                         1.6 + 0.22 * max(table.shape[0], 1) + _label_room(table.columns, 0.035))
-        else:
-            fig = ax.figure
-        if table.size == 0 or not np.isfinite(table.values).any():
-            return no_data(fig, "no data: no traced clips", ax=ax)
-        ax = ax if ax is not None else fig.add_subplot(1, 1, 1)
-        limit = float(np.nanmax(np.abs(table.values)))
-        image = ax.imshow(table.values, aspect="auto", cmap="RdBu_r", vmin=-limit or -1, vmax=limit or 1)
-        ax.set_xticks(range(table.shape[1]), [_wrap(name) for name in table.columns], rotation=30, ha="right")
-        ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index])
-        ax.set_ylabel("first layer of window")
-        clips = self.effects["clip"].nunique()
-        fig.colorbar(image, ax=ax, label=f"{column.replace('ie_', 'IE_')} x{scale:g}, mean over {clips} clip"
-                                         f"{'s' if clips != 1 else ''}")
-        return fig
+    def to_frame(self) -> "pd.DataFrame":
+        """The tidy effects table: one row per (clip, token set, window)."""
+        return self.effects.copy()
+
+    def summary(self) -> "pd.DataFrame":
+        """Mean effects per token set (x100) with counts: `table`."""
+        return self.table()
 
     # -- persistence ------------------------------------------------------------------------
     def to_records(self) -> list[dict[str, Any]]:
@@ -1178,29 +1139,6 @@ class TraceResult:
         for r in results:
             clips.update(r.clips)
         return cls(pd.concat([r.effects for r in results], ignore_index=True), clips, dict(results[0].meta))
-
-
-#: Token-set names longer than this are wrapped onto several lines in figures.
-LABEL_WIDTH = 22
-
-
-def _wrap(label: Any) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(str(label), LABEL_WIDTH)) or str(label)
-
-
-def _label_room(labels: Any, inches_per_char: float) -> float:
-    """Extra figure size (inches) for wrapped x labels rotated by 30 degrees, from the longest line."""
-    return inches_per_char * min(max((len(str(label)) for label in labels), default=0), LABEL_WIDTH)
-
-
-def _effect_column(effect: str) -> str:
-    name = {"clean": "ie_clean", "corrupt": "ie_corrupt", "IE_clean": "ie_clean", "IE_corrupt": "ie_corrupt"}.get(
-        effect, effect)
-    if name not in ("ie_clean", "ie_corrupt"):
-        raise InputError(f"effect must be 'ie_clean' or 'ie_corrupt', got {effect!r}")
-    return name
 
 
 def _plain(value: Any) -> Any:

@@ -8,7 +8,7 @@ running invoke. They share the keywords ``layers=``, ``tokens=``, ``site=``, ``h
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -160,14 +160,29 @@ def _cache_value(cache: ActivationCache, key: str, what: str) -> torch.Tensor:
     return cache.acts[key]
 
 
+class CacheIntervention(ActivationIntervention):
+    """An activation primitive that reads an `ActivationCache` held in the parameter ``cache_param``."""
+
+    cache_param: ClassVar[str] = ""
+
+    @classmethod
+    def from_params(cls, params, sources=None):
+        params = dict(params)
+        name = cls.cache_param
+        params[name] = _bind_cache(params.get(name), sources, f"{cls.__name__} {name}")
+        return super().from_params(params, sources)
+
+
 @register_intervention
-class MeanPatch(ActivationIntervention):
+class MeanPatch(CacheIntervention):
     """Replace the selected activations with their mean over a reference set of inputs.
 
     ``means``: an `ActivationCache` from `interventions.compute_means` (``by="position"``: a
     mean per position, the target must share the reference layout; ``by="modality"``: a
     mean per modality, taken by each selected token's modality).
     """
+
+    cache_param = "means"
 
     def __init__(self, means: ActivationCache | str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -207,15 +222,9 @@ class MeanPatch(ActivationIntervention):
     def params(self):
         return {**super().params(), "means": None if self.means is None else _cache_ref(self.means)}
 
-    @classmethod
-    def from_params(cls, params, sources=None):
-        params = dict(params)
-        params["means"] = _bind_cache(params.get("means"), sources, "MeanPatch means")
-        return super().from_params(params, sources)
-
 
 @register_intervention
-class Patch(ActivationIntervention):
+class Patch(CacheIntervention):
     """Copy activations from a source run into this run at the selected positions.
 
     ``source`` is either an `ActivationCache` from `interventions.cache_activations` (a
@@ -225,6 +234,8 @@ class Patch(ActivationIntervention):
     the same layout (length and spans), else `InputError`. Positions the source lacks
     (tokens generated after the cached prompt) are left alone.
     """
+
+    cache_param = "source"
 
     def __init__(self, source: ActivationCache | int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -288,12 +299,6 @@ class Patch(ActivationIntervention):
         else:
             source = None if self.source is None else {"invoke": self.source}
         return {**super().params(), "source": source}
-
-    @classmethod
-    def from_params(cls, params, sources=None):
-        params = dict(params)
-        params["source"] = _bind_cache(params.get("source"), sources, "Patch source")
-        return super().from_params(params, sources)
 
 
 @register_intervention
