@@ -7,7 +7,7 @@ How they work without attention maps (and their exact biases): see
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -19,6 +19,9 @@ from .context import ApplyContext
 from .engine import Op
 from .params import real
 from .selectors import normalize_selector, selector_to_json
+
+if TYPE_CHECKING:
+    from nnsight_av.model import AVModel
 
 __all__ = ["AttentionKnockout", "AttentionBoost", "AttentionEdit", "apply_attention_edits"]
 
@@ -45,7 +48,7 @@ class _AttentionIntervention(Intervention):
     def keys(self) -> Any:
         return self.site.tokens
 
-    def compile(self, model: Any, ctx: ApplyContext) -> list[Op]:
+    def compile(self, model: "AVModel", ctx: ApplyContext) -> list[Op]:
         heads = self._heads(model)
         return [Op(layer, "attn_call", self._op(heads), label=type(self).__name__)
                 for layer in self.site.layer_indices(model)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 
@@ -16,6 +16,9 @@ from .engine import Op, execute
 from .params import flag
 from .selectors import normalize_selector
 from .site import Site, as_site, layers_from_json
+
+if TYPE_CHECKING:
+    from nnsight_av.model import AVModel
 
 __all__ = ["Intervention", "Compose", "from_dict", "from_json", "register_intervention", "registered_interventions"]
 
@@ -83,7 +86,7 @@ class Intervention:
         self.allow_empty = flag(allow_empty, "allow_empty")
 
     # -- compilation (subclasses) ----------------------------------------------------------
-    def compile(self, model: Any, ctx: ApplyContext) -> list[Op]:
+    def compile(self, model: "AVModel", ctx: ApplyContext) -> list[Op]:
         """The ops this intervention performs in the invoke described by ``ctx``."""
         raise NotImplementedError
 
@@ -92,7 +95,7 @@ class Intervention:
         return [self.site]
 
     # -- use ---------------------------------------------------------------------------------
-    def apply(self, model: Any, inputs: AVInputs | None = None, *, sets: Mapping[str, Any] | None = None) -> None:
+    def apply(self, model: "AVModel", inputs: AVInputs | None = None, *, sets: Mapping[str, Any] | None = None) -> None:
         """Apply inside the current invoke (or trace with one input).
 
         ``inputs``: the invoke's `AVInputs`; found from the running invoke when omitted.
@@ -114,7 +117,7 @@ class Intervention:
         selector = self.site.tokens if selector == "__site__" else selector
         return ctx.positions(selector, self.sets, self.allow_empty)
 
-    def _heads(self, model: Any) -> torch.Tensor | None:
+    def _heads(self, model: "AVModel") -> torch.Tensor | None:
         heads = self.site.head_indices(model)
         return None if heads is None else torch.tensor(heads, dtype=torch.long)
 
@@ -176,7 +179,7 @@ class Compose(Intervention):
                 raise InputError(f"Compose takes interventions, got {type(child).__name__}")
         self.children = flat
 
-    def compile(self, model: Any, ctx: ApplyContext) -> list[Op]:
+    def compile(self, model: "AVModel", ctx: ApplyContext) -> list[Op]:
         return [op for child in self.children for op in child.compile(model, ctx)]
 
     def sites(self) -> list[Site]:

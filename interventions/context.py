@@ -10,7 +10,7 @@ cache hold only the new tokens.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -19,6 +19,9 @@ from nnsight_av.inputs import AVInputs
 from nnsight_av.spans import MODALITIES
 
 from .selectors import normalize_selector, resolve_tokens
+
+if TYPE_CHECKING:
+    from nnsight_av.model import AVModel
 
 __all__ = ["ApplyContext", "current_invoke", "MODALITIES"]
 
@@ -32,7 +35,7 @@ def _mediator() -> Any:
     return ref() if ref is not None else None
 
 
-def current_invoke(model: Any) -> tuple[int | None, list[Any]]:
+def current_invoke(model: "AVModel") -> tuple[int | None, list[Any]]:
     """``(index, inputs_of_every_invoke)`` of the invoke whose code is running now.
 
     ``index`` is ``None`` outside a trace, or when nnsight's internals do not tell.
@@ -71,7 +74,7 @@ def visit_stamp(location: str) -> tuple[int, int] | None:
 class ApplyContext:
     """State of one ``apply`` call in one invoke (see module docstring)."""
 
-    def __init__(self, model: Any, inputs: AVInputs | None = None, sets: Mapping[str, Any] | None = None, *,
+    def __init__(self, model: "AVModel", inputs: AVInputs | None = None, sets: Mapping[str, Any] | None = None, *,
                  invoke: tuple[int | None, list[Any]] | None = None, offset: int | None = None) -> None:
         """``invoke``: ``(index, inputs_of_every_row)`` when not running inside an nnsight invoke (the
         hook runtime); ``offset``: the input's padding shift (default: from the model's last batch)."""

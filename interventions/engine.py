@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import groupby
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -23,6 +23,9 @@ from nnsight_av.errors import InputError
 from .attention_edits import apply_attention_edits
 from .context import ApplyContext, visit_stamp
 from .site import POINT_ORDER
+
+if TYPE_CHECKING:
+    from nnsight_av.model import AVModel
 
 __all__ = ["Op", "execute", "run_ops", "past_length", "first_tensor", "with_first"]
 
@@ -76,7 +79,7 @@ def run_ops(ops: list[Op], tensor: torch.Tensor, ctx: ApplyContext) -> torch.Ten
     return edited
 
 
-def execute(model: Any, ops: list[Op], ctx: ApplyContext) -> None:
+def execute(model: "AVModel", ops: list[Op], ctx: ApplyContext) -> None:
     """Run ``ops`` in this invoke (must be called from inside the invoke's code)."""
     ordered = sorted(enumerate(ops), key=lambda item: (item[1].layer, POINT_ORDER[item[1].point], item[0]))
     for layer, layer_items in groupby((op for _, op in ordered), key=lambda op: op.layer):

@@ -8,7 +8,7 @@ running invoke. They share the keywords ``layers=``, ``tokens=``, ``site=``, ``h
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import torch
 
@@ -21,6 +21,9 @@ from .context import MODALITIES, ApplyContext
 from .engine import Op
 from .params import integer, real
 from .site import Site
+
+if TYPE_CHECKING:
+    from nnsight_av.model import AVModel
 
 __all__ = ["Zero", "MeanPatch", "Patch", "Noise"]
 
@@ -41,7 +44,7 @@ def _put(value: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor | None, ne
 class ActivationIntervention(Intervention):
     """Shared compile step: one op per layer that hands `edit` the selected rows."""
 
-    def compile(self, model: Any, ctx: ApplyContext) -> list[Op]:
+    def compile(self, model: "AVModel", ctx: ApplyContext) -> list[Op]:
         heads = self._heads(model)
         self._prepare(model, ctx)
         ops = []
@@ -49,7 +52,7 @@ class ActivationIntervention(Intervention):
             ops.append(Op(layer, self.site.point, self._op(layer, heads), label=type(self).__name__))
         return ops
 
-    def _prepare(self, model: Any, ctx: ApplyContext) -> None:
+    def _prepare(self, model: "AVModel", ctx: ApplyContext) -> None:
         """Checks that need the invoke (layouts, sources); runs before any module is read."""
 
     def _op(self, layer: int, heads: torch.Tensor | None):

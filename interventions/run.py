@@ -8,7 +8,7 @@ what the analyses use). The same intervention gives the same outputs on both.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import nnsight
 import torch
@@ -21,6 +21,9 @@ from .params import integer
 from .primitives import Patch
 from .runtime.decoder import Decoder
 from .runtime.hooks import applied
+
+if TYPE_CHECKING:
+    from nnsight_av.model import AVModel
 
 __all__ = ["run", "generate", "RUNTIMES"]
 
@@ -71,7 +74,7 @@ def _plan(iv: Intervention | None, n: int, targets: Iterable[int] | None) -> lis
     return plan
 
 
-def run(model: Any, inputs: AVInputs | Sequence[AVInputs], interventions: Any = None, *,
+def run(model: "AVModel", inputs: AVInputs | Sequence[AVInputs], interventions: Any = None, *,
         targets: Iterable[int] | None = None, sets: Any = None, grad: bool = False, runtime: str = "nnsight",
         **trace_kwargs: Any) -> Any:
     """Logits of ``inputs`` with ``interventions`` applied, in one batched forward.
@@ -109,11 +112,11 @@ def run(model: Any, inputs: AVInputs | Sequence[AVInputs], interventions: Any = 
     return logits[0] if single else list(logits)
 
 
-def _pad_id(model: Any) -> int:
+def _pad_id(model: "AVModel") -> int:
     return (model.tokenizer.pad_token_id if model.tokenizer is not None else 0) or 0
 
 
-def generate(model: Any, inputs: AVInputs | Sequence[AVInputs], interventions: Any = None, *,
+def generate(model: "AVModel", inputs: AVInputs | Sequence[AVInputs], interventions: Any = None, *,
              steps: Iterable[int] | None = None, targets: Iterable[int] | None = None, sets: Any = None,
              max_new_tokens: int = 16, return_logits: bool = False, runtime: str = "nnsight",
              **generate_kwargs: Any) -> Any:
@@ -183,7 +186,7 @@ def generate(model: Any, inputs: AVInputs | Sequence[AVInputs], interventions: A
     return ids, (logits[0] if single else logits)
 
 
-def _greedy_hooks(model: Any, items: list[AVInputs], plan: list[Intervention | None], sets: list[Any],
+def _greedy_hooks(model: "AVModel", items: list[AVInputs], plan: list[Intervention | None], sets: list[Any],
                   chosen: set[int], max_new_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Greedy decoding of equal-length inputs as one batch on the hook runtime.
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import torch
 
@@ -27,6 +27,9 @@ from nnsight_av.errors import FormatError, InputError, LayerIndexError
 
 from .params import integer
 from .selectors import normalize_selector
+
+if TYPE_CHECKING:
+    from nnsight_av.model import AVModel
 
 __all__ = ["Site", "ROLES", "ALIASES", "window", "LayerSpec", "POINT_ORDER", "canonical_role"]
 
@@ -177,7 +180,7 @@ class Site:
             object.__setattr__(self, "heads", tuple(int(h) for h in heads))
 
     # -- resolution against a model ------------------------------------------------------
-    def layer_indices(self, model: Any) -> list[int]:
+    def layer_indices(self, model: "AVModel") -> list[int]:
         """The layers as sorted, non-negative, checked indices (`LayerIndexError` when out of range)."""
         n = model.num_layers
         spec = self.layers
@@ -196,7 +199,7 @@ class Site:
             raise LayerIndexError("no layers selected (layers= is empty)")
         return sorted({model.check_layer(int(v)) for v in values})
 
-    def head_indices(self, model: Any) -> list[int] | None:
+    def head_indices(self, model: "AVModel") -> list[int] | None:
         """The heads, checked against the model's head count (`InputError` when out of range)."""
         if self.heads is None:
             return None
