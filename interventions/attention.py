@@ -6,7 +6,6 @@ How they work without attention maps (and their exact biases): see
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
