@@ -44,7 +44,7 @@ from .asd_hook import ASDHook, as_sink_sets, asd_sink_sets, fused_sink_sets, ste
 from .asd_kernel import decode_attention  # noqa: F401  (re-exported)
 from .asd_schedule import next_strength, strength_schedule, strength_target  # noqa: F401  (re-exported)
 from .decoding import DecodeOutput, as_inputs, check_new_tokens
-from .plots import figure, no_data
+from .plots import plot_asd_steps
 from .sinks import resolve_sink_dims, sink_scores
 
 if TYPE_CHECKING:
@@ -109,31 +109,8 @@ class ASDOutput(DecodeOutput):
         return frame
 
     def plot(self, tokenizer: Any = None, figsize: tuple[float, float] = (9.0, 5.0)) -> "Figure":
-        """Strength s_t (and its target), adaptive weight w_t and text mass m_t per step; fallback steps shaded."""
-        fig = figure(*figsize)
-        if not self.token_ids:
-            return no_data(fig, "no data: no token was generated", f"ASD: {self.text[:70]!r}")
-        steps = np.arange(1, len(self.token_ids) + 1)
-        top, bottom = fig.subplots(2, 1, sharex=True)
-        top.plot(steps, self.s, marker="o", label="s_t (applied)")
-        top.plot(steps, self.steps.get("target", []), ls="--", label="target")
-        top.set_ylabel("strength")
-        top.legend(loc="upper right")
-        bottom.plot(steps, self.w, marker=".", label="w_t = C / (C + U)")
-        bottom.plot(steps, self.m, marker=".", label="m_t (text mass)")
-        bottom.set_ylim(-0.02, 1.02)
-        bottom.set_xlabel("generated token")
-        bottom.legend(loc="upper right")
-        for ax in (top, bottom):
-            for step, flag in zip(steps, self.fallback):
-                if flag:
-                    ax.axvspan(step - 0.5, step + 0.5, color="0.85", zorder=0)
-        if tokenizer is not None and len(steps) <= 40:
-            bottom.set_xticks(steps)
-            # repr keeps control characters of odd tokens printable
-            bottom.set_xticklabels([repr(tokenizer.decode([t]))[1:-1] for t in self.token_ids], rotation=90)
-        top.set_title(f"ASD: {self.text[:70]!r}")
-        return fig
+        """Strength s_t (and its target), adaptive weight w_t and text mass m_t per step; see `plot_asd_steps`."""
+        return plot_asd_steps(self, tokenizer, figsize)
 
 
 # ---------------------------------------------------------------------------------------

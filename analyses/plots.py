@@ -21,13 +21,14 @@ from nnsight_av.errors import InputError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from .asd import ASDOutput
     from .dominance import DominanceResult
     from .mds import MDSResult
     from .sinks import SinkResult
     from .tracing import TraceResult
 
 __all__ = ["plot_sink_mask", "plot_mds_heatmap", "plot_mds_distribution", "plot_trace_bars", "plot_trace_heatmap",
-           "plot_dominance", "MODALITY_COLORS", "NotebookFigure", "figure", "no_data", "LABEL_WIDTH"]
+           "plot_dominance", "plot_asd_steps", "MODALITY_COLORS", "NotebookFigure", "figure", "no_data", "LABEL_WIDTH"]
 
 MODALITY_COLORS = {"video": "#1f77b4", "audio": "#d62728", "image": "#9467bd", "text": "#bbbbbb"}
 
@@ -333,3 +334,30 @@ def plot_dominance(result: "DominanceResult", ax: Any = None) -> "Figure":
     ax.set_ylabel("clips")
     return fig
 
+
+def plot_asd_steps(output: "ASDOutput", tokenizer: Any = None, figsize: tuple[float, float] = (9.0, 5.0)) -> "Figure":
+    """An `ASDOutput` per step: strength s_t (and its target), weight w_t and text mass m_t; fallback steps shaded."""
+    fig = figure(*figsize)
+    if not output.token_ids:
+        return no_data(fig, "no data: no token was generated", f"ASD: {output.text[:70]!r}")
+    steps = np.arange(1, len(output.token_ids) + 1)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.plot(steps, output.s, marker="o", label="s_t (applied)")
+    top.plot(steps, output.steps.get("target", []), ls="--", label="target")
+    top.set_ylabel("strength")
+    top.legend(loc="upper right")
+    bottom.plot(steps, output.w, marker=".", label="w_t = C / (C + U)")
+    bottom.plot(steps, output.m, marker=".", label="m_t (text mass)")
+    bottom.set_ylim(-0.02, 1.02)
+    bottom.set_xlabel("generated token")
+    bottom.legend(loc="upper right")
+    for ax in (top, bottom):
+        for step, flag in zip(steps, output.fallback):
+            if flag:
+                ax.axvspan(step - 0.5, step + 0.5, color="0.85", zorder=0)
+    if tokenizer is not None and len(steps) <= 40:
+        bottom.set_xticks(steps)
+        # repr keeps control characters of odd tokens printable
+        bottom.set_xticklabels([repr(tokenizer.decode([t]))[1:-1] for t in output.token_ids], rotation=90)
+    top.set_title(f"ASD: {output.text[:70]!r}")
+    return fig
