@@ -20,14 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from nnsight_av.errors import InputError, NNsightAVError
+from nnsight_av.errors import InputError
 from nnsight_av.inputs import AVInputs
 
 from .ablation import ablate
 from .clips import error_record, run_clips
-from .datasets import ClipRecord, read_dataset
+from .datasets import ClipRecord, InvalidRecord, check_dataset
 from .options import normalize_options, option_probs
 from .plots import plot_dominance
+from .store import model_identity, read_jsonl, write_jsonl
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -152,13 +153,13 @@ class DominanceResult:
         return f"DominanceResult({self.counts()})"
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        return path
+        """Write one JSON line per clip (replacing ``path`` atomically)."""
+        return write_jsonl(path, self.records)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DominanceResult":
-        return cls([json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()])
+        """Read a `save` / run file (bad lines skipped with a warning, the last record of each clip kept)."""
+        return cls(read_jsonl(path, key="id"))
 
 
 def dominance(
@@ -202,7 +203,7 @@ def dominance(
         if out is not None:
             DominanceResult(records).save(out)
         return DominanceResult(records)
-    clips = read_dataset(dataset if items is None else items)
+    clips = check_dataset(dataset if items is None else items, model).records
 
     def one(record: ClipRecord) -> dict[str, Any]:
         return clip_dominance(model, record, options, correctness=correctness, method=method)
@@ -212,10 +213,15 @@ def dominance(
 
         results = []
         for record in tqdm(clips, desc="dominance", disable=not progress or len(clips) < 2):
+            if isinstance(record, InvalidRecord):
+                results.append(error_record(record.id, InputError(record.error)) | {"error_type": record.error_type})
+                continue
             try:
                 results.append({"id": record.id, **one(record)})
-            except NNsightAVError as error:
+            except Exception as error:                      # noqa: BLE001 - a clip's failure is its record
                 results.append(error_record(record.id, error))
         return DominanceResult(results)
+    settings = {"kind": "dominance", "method": method, "correctness": correctness,
+                "options": json.loads(json.dumps(options, default=str)), "model": model_identity(model)}
     return DominanceResult(run_clips(clips, one, out, rank=rank, world_size=world_size, progress=progress,
-                                     desc="dominance"))
+                                     desc="dominance", settings=settings))

@@ -8,7 +8,10 @@ runs are resumable and sharded by `analyses.clips.run_clips` (`ResultStore`, `sh
 
 from __future__ import annotations
 
+import difflib
+import operator
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -18,12 +21,15 @@ from nnsight_av.errors import InputError
 
 from .clips import ResultStore, error_record, merge_shards, run_clips, shard_info, shard_path  # noqa: F401
 from .ablation import ablate
-from .datasets import ClipRecord, read_dataset
+from .datasets import ClipRecord, DatasetCheck, check_dataset, max_positions
 from .dominance import DominanceResult, dominance_label
 from .mds import sink_analysis
 from .options import on_device
 from .sink_config import SinkConfig
-from .tracing import PatchRunner, TraceResult, make_windows, resolve_token_sets, trace_clip
+from .sinks import resolve_sink_dims
+from .store import model_identity, require_finite  # noqa: F401 - model_identity: old import path
+from .tracing import (METHODS, TOKEN_SETS, PatchRunner, TraceResult, canonical_site, make_windows,
+                      registered_token_sets, resolve_token_sets, trace_clip)
 
 if TYPE_CHECKING:
     from nnsight_av import AVModel
@@ -75,6 +81,84 @@ class PipelineConfig:
         return {k: (list(v) if isinstance(v, tuple) else v.to_dict() if isinstance(v, SinkConfig) else v)
                 for k, v in self.__dict__.items()}
 
+    def validate(self) -> "PipelineConfig":
+        """Check every setting that needs no model (names, ranges); `InputError` on the first bad one.
+
+        Run before the model loads, so a typo fails the run at once instead of every clip.
+
+        >>> PipelineConfig(site="resid_mid").validate()
+        Traceback (most recent call last):
+        ...
+        nnsight_av.errors.InputError: unknown site 'resid_mid'; choose one of ('input_layernorm', 'resid_pre', \
+'resid_post', 'attn_output', 'mlp_output') (aliases: ['attn', 'before_attn', 'layer_input', 'layer_output', 'mlp', \
+'residual', 'self_attn'])
+        """
+        canonical_site(self.site)
+        names = [self.token_sets] if isinstance(self.token_sets, str) else list(self.token_sets)
+        if not names:
+            raise InputError("token_sets is empty: name at least one token set")
+        known = [*TOKEN_SETS, *registered_token_sets()]                 # registered: analyses.controls' sets
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise InputError(f"unknown token set {name!r}{hint}; built-in sets: {list(TOKEN_SETS)}, "
+                                 f"registered: {sorted(registered_token_sets())}")
+        if self.method not in METHODS:
+            raise InputError(f"unknown tracing method {self.method!r}; choose one of {list(METHODS)}")
+        if self.ablation not in ("raw", "encoder"):
+            raise InputError(f"ablation must be 'raw' or 'encoder', got {self.ablation!r}")
+        if self.split_rule not in ("rank", "sign"):
+            raise InputError(f"split_rule must be 'rank' or 'sign', got {self.split_rule!r}")
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
+                                        or self.window < 1):
+            raise InputError(f"window must be a positive number of layers (or None), got {self.window!r}")
+        require_finite("k_divide", self.k_divide, low=1e-6)
+        if self.tau is not None:
+            require_finite("tau", self.tau, low=0.0)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InputError(f"seed must be an int, got {self.seed!r}")
+        for what in ("sink_dims", "layers"):
+            values = getattr(self, what)
+            if values is None:
+                continue
+            try:
+                if isinstance(values, (str, bytes)) or any(isinstance(v, bool) for v in values):
+                    raise TypeError
+                setattr(self, what, [operator.index(v) for v in values])    # numpy / torch ints become ints
+            except TypeError:
+                raise InputError(f"{what} must be a list of ints, got {values!r}") from None
+        self._sync_sinks()
+        return self
+
+    def _sync_sinks(self) -> None:
+        """Flat sink fields set after construction (``trace_dataset`` overrides, `validate`'s int
+        conversion) win over ``sinks``, so the search runs with what the settings record says."""
+        self.__post_init__()
+
+    def validate_for(self, model: "AVModel") -> "PipelineConfig":
+        """`validate`, then the settings that need the model: sink dims, layers, window against its sizes."""
+        self.validate()
+        if self.sink_dims is not None:
+            resolve_sink_dims(model, self.sink_dims)
+        make_windows(model.num_layers, self.layers, self.window)
+        if self.window is not None and self.window > model.num_layers:
+            raise InputError(f"window {self.window} is larger than the model's {model.num_layers} layers")
+        return self
+
+    def settings(self, model: "AVModel | None" = None) -> dict[str, Any]:
+        """What a result file records about the run (every setting that changes a record, and the model)."""
+        out = {k: v for k, v in self.to_dict().items() if k not in _NOT_RESULTS}
+        if model is not None:
+            out["model"] = model_identity(model)
+        return out
+
+
+#: Settings that change speed, not records (a resume may change them).
+_NOT_RESULTS = frozenset({"batch_size", "skip_overwritten"})
+
 
 def analyze_clip(model: "AVModel", record: ClipRecord, config: PipelineConfig | None = None) -> dict[str, Any]:
     """Sinks + MDS, dominance (av / a / v) and, for a dominant clip, causal tracing; one JSON-ready dict.
@@ -85,12 +169,13 @@ def analyze_clip(model: "AVModel", record: ClipRecord, config: PipelineConfig | 
     conditions. The processor prepares the two ablated inputs in a background thread while
     the first prefill runs.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-
     config = config or PipelineConfig()
     options = list(config.options) if config.options is not None else list(record.options)
     clean = on_device(model, record.prepare(model))     # moved once: every analysis below reads it
+    limit = max_positions(model)
+    if limit is not None and len(clean) > limit:
+        raise InputError(f"clip {record.id!r}: {len(clean)} tokens with its media, but the model takes {limit} "
+                         "positions; shorten the clip or lower its fps")
     windows = make_windows(model.num_layers, config.layers, config.window)
     layers = sorted({l for w in windows for l in w})
     runner = PatchRunner(model, config.site, options, skip_overwritten=config.skip_overwritten)
@@ -174,7 +259,7 @@ class PipelineResult:
 
 def trace_dataset(
     model: "AVModel",
-    dataset: "str | os.PathLike | Iterable[Any]",
+    dataset: "str | os.PathLike | Iterable[Any] | DatasetCheck",
     out: str | os.PathLike,
     config: PipelineConfig | None = None,
     *,
@@ -182,18 +267,27 @@ def trace_dataset(
     world_size: int | None = None,
     retry_errors: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
+    wait_timeout: float | None = None,
     **overrides: Any,
 ) -> PipelineResult:
-    """`analyze_clip` over a data set (`read_dataset`), resumable and shardable (`run_clips`).
+    """`analyze_clip` over a data set, resumable and shardable (`run_clips`).
 
-    ``overrides`` set `PipelineConfig` fields (``token_sets=...``, ``window=1`` ...).
+    ``overrides`` set `PipelineConfig` fields (``token_sets=...``, ``window=1`` ...). The
+    settings are checked (`PipelineConfig.validate_for`) and the data set read and checked
+    (`check_dataset`) before any clip runs; invalid records and clips that fail become error
+    records. ``out`` keeps the settings and model it was made with (``<out>.settings.json``):
+    resuming it under others raises `analyses.store.SettingsMismatchError` unless
+    ``overwrite=True`` (which starts it again).
     """
     config = config or PipelineConfig()
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise InputError(f"unknown pipeline setting {key!r}; known: {sorted(config.__dict__)}")
         setattr(config, key, value)
-    records = read_dataset(dataset)
+    config.validate_for(model)
+    records = check_dataset(dataset, model).records
     done = run_clips(records, lambda rec: analyze_clip(model, rec, config), out, rank=rank, world_size=world_size,
-                     retry_errors=retry_errors, progress=progress, desc="trace")
+                     retry_errors=retry_errors, progress=progress, desc="trace", settings=config.settings(model),
+                     overwrite=overwrite, wait_timeout=wait_timeout)
     return PipelineResult(done, config.to_dict())

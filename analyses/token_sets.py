@@ -11,7 +11,7 @@ import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from nnsight_av import AVInputs
 
 __all__ = ["TOKEN_SETS", "DEFAULT_TOKEN_SETS", "Condition", "window_label", "make_windows", "random_positions",
-           "object_positions", "resolve_token_sets", "infer_dominant"]
+           "object_positions", "resolve_token_sets", "infer_dominant", "register_token_set", "registered_token_sets"]
 
 #: Built-in token sets (all of the non-dominant modality's tokens, or subsets of them).
 TOKEN_SETS = ("all", "sink", "random", "object", "cross_modal_sink", "unimodal_sink", "random_cross_modal_sink",
@@ -33,6 +33,32 @@ TOKEN_SETS = ("all", "sink", "random", "object", "cross_modal_sink", "unimodal_s
 DEFAULT_TOKEN_SETS = ("all", "sink", "random", "cross_modal_sink", "unimodal_sink", "random_cross_modal_sink")
 _RANDOM_OF = {"random": "sink", "random_cross_modal_sink": "cross_modal_sink",
               "random_unimodal_sink": "unimodal_sink"}
+#: Token sets other modules add (`register_token_set`): name -> (builder, the built-in set it derives from).
+_REGISTERED: dict[str, tuple[Callable[..., Any], str]] = {}
+_NEEDS_SPLIT = ("cross_modal_sink", "unimodal_sink")
+
+
+def register_token_set(name: str, builder: Callable[..., Any], reference: str = "sink") -> None:
+    """Make ``name`` a token set of `causal_trace` / `resolve_token_sets` (and the pipeline).
+
+    ``builder(item, modality, reference_positions, *, seed, clip, name)`` returns positions;
+    ``reference`` names the built-in set it is derived from (``"sink"``, ``"cross_modal_sink"``,
+    ``"unimodal_sink"``, ``"all"`` ...), so the sinks or the MDS split are computed when needed.
+
+    >>> import analyses                       # registers the matched random controls (analyses.controls)
+    >>> registered_token_sets()["random_chunk"]
+    'sink'
+    """
+    if name in TOKEN_SETS:
+        raise InputError(f"{name!r} is a built-in token set and cannot be registered again")
+    if reference not in TOKEN_SETS:
+        raise InputError(f"reference must be a built-in token set {TOKEN_SETS}, got {reference!r}")
+    _REGISTERED[str(name)] = (builder, reference)
+
+
+def registered_token_sets() -> dict[str, str]:
+    """Registered token set names with the built-in set each derives from."""
+    return {name: reference for name, (_, reference) in _REGISTERED.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,12 +306,17 @@ def resolve_token_sets(
             if objects is None:
                 raise InputError("the 'object' token set needs objects= (positions, video masks or audio times)")
             return object_positions(item, modality, objects)
-        if name in ("cross_modal_sink", "unimodal_sink"):
+        if name in _REGISTERED:
+            build, reference = _REGISTERED[name]
+            return torch.as_tensor(build(item, modality, builtin(reference), seed=seed, clip=clip, name=name),
+                                   dtype=torch.long)
+        if name in _NEEDS_SPLIT:
             if split is None:
                 raise InputError(f"the {name!r} token set needs the sink split (split= or sinks with MDS)")
             part = split.cross_modal(modality) if name == "cross_modal_sink" else split.unimodal(modality)
             return torch.as_tensor(part, dtype=torch.long).flatten().cpu()
-        raise InputError(f"unknown token set {name!r}; built-in sets: {TOKEN_SETS} (or pass a dict of positions)")
+        raise InputError(f"unknown token set {name!r}; built-in sets: {TOKEN_SETS}, registered: "
+                         f"{sorted(_REGISTERED)} (or pass a dict of positions)")
 
     for name, value in spec.items():
         if isinstance(value, str):

@@ -13,6 +13,7 @@ import torch
 from nnsight_av.errors import InputError
 
 from .plots import plot_trace_bars, plot_trace_heatmap
+from .store import read_jsonl, write_jsonl
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -25,6 +26,14 @@ __all__ = ["TraceResult", "rank_agreement", "EFFECT_COLUMNS"]
 # ---------------------------------------------------------------------------------------
 EFFECT_COLUMNS = ["clip", "token_set", "window", "layer_start", "layer_end", "n_tokens", "ie_clean", "ie_corrupt",
                    "p_patched_clean", "p_patched_corrupt"]
+
+
+def _clip_key(record: Mapping[str, Any]) -> str:
+    """The clip a JSONL line belongs to: a pipeline record's ``id`` or a saved trace's ``clip``."""
+    key = record.get("id", record.get("clip"))
+    if key is None:
+        raise KeyError("id")
+    return str(key)
 
 
 @dataclass
@@ -152,18 +161,21 @@ class TraceResult:
         """Write JSON (``.json``) or one line per clip (``.jsonl``)."""
         path = Path(path)
         if path.suffix == ".jsonl":
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.to_records()))
+            write_jsonl(path, self.to_records())
         else:
             self.to_json(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "TraceResult":
-        """Read a `save` file, or a pipeline JSONL (its clips with a trace)."""
+        """Read a `save` file, or a pipeline JSONL (its clips with a trace).
+
+        A JSONL is read as every run file is (`analyses.store.read_jsonl`): lines that do not
+        parse are skipped with a warning, and a clip saved twice counts once (its last record).
+        """
         path = Path(path)
         if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            return cls.from_records(records)
+            return cls.from_records(read_jsonl(path, key=_clip_key))
         return cls.from_json(path)
 
     @classmethod

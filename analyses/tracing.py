@@ -34,7 +34,8 @@ from .patching import SITES, CleanRecord, CorruptRecord, PatchRunner, canonical_
 from .plots import LABEL_WIDTH  # noqa: F401  (its old home)
 from .sinks import find_sinks
 from .token_sets import (DEFAULT_TOKEN_SETS, TOKEN_SETS, Condition, infer_dominant,  # noqa: F401  (re-exported)
-                         make_windows, object_positions, random_positions, resolve_token_sets, window_label)
+                         make_windows, object_positions, random_positions, register_token_set,
+                         registered_token_sets, resolve_token_sets, window_label)
 from .trace_result import EFFECT_COLUMNS, TraceResult, rank_agreement  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
 
 __all__ = ["causal_trace", "trace_clip", "TraceResult", "SITES", "TOKEN_SETS", "DEFAULT_TOKEN_SETS", "PatchRunner",
            "CleanRecord", "CorruptRecord", "Condition", "make_windows", "resolve_token_sets", "random_positions",
-           "object_positions", "infer_dominant", "rank_agreement", "METHODS", "canonical_site", "window_label"]
+           "object_positions", "infer_dominant", "rank_agreement", "METHODS", "canonical_site", "window_label",
+           "register_token_set", "registered_token_sets"]
 
 METHODS = ("exact", "naive", "attribution")
 
@@ -52,6 +54,7 @@ METHODS = ("exact", "naive", "attribution")
 # ---------------------------------------------------------------------------------------
 def _sink_inputs(model: "AVModel", clean: "AVInputs", names: set[str], sinks: Any, split: Any,
                  sink_options: Mapping[str, Any] | None, split_rule: str) -> tuple[Any, Any]:
+    names = names | {ref for name, ref in registered_token_sets().items() if name in names}
     needs_sinks = bool(names & {"sink", "random"})
     needs_split = bool(names & {"cross_modal_sink", "unimodal_sink", "random_cross_modal_sink",
                                 "random_unimodal_sink"})

@@ -22,12 +22,18 @@ TOKEN_SETS = ("all", "sink", "random", "cross_modal_sink", "unimodal_sink")
 
 
 def load_model(name: str, device: str = "cpu") -> AVModel:
-    """'tiny' (random weights), 'toy-omni' / 'default' (the shipped trained model), or a checkpoint."""
+    """'tiny' (random weights, said on stderr), 'toy-omni' / 'default' (the shipped trained model), or a
+    checkpoint (a name that is none of these is refused at once, see `nnsight_av.loading.check_model_name`)."""
+    import sys
+
     from . import testing
     from .errors import UnknownModelError
-    from .loading import load
+    from .loading import check_model_name, load
 
+    check_model_name(name)
     if name == "tiny":
+        print("warning: model 'tiny' has random weights: its answers and captions mean nothing (use it to test the "
+              "plumbing; 'toy-omni' is the shipped trained model)", file=sys.stderr)
         model = testing.tiny_model()
     elif name in ("default", "toy-omni"):
         try:
@@ -86,6 +92,17 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _fresh_if_changed(run: Any) -> Any:
+    """A report folder is the demo's own: a rerun resumes its files, or starts them again under other settings."""
+    from analyses.store import SettingsMismatchError
+
+    try:
+        return run(False)
+    except SettingsMismatchError as error:
+        print(f"{str(error).splitlines()[0]} -> computed again")
+        return run(True)
+
+
 def run_demo(model: str = "default", out: Path | str = "nnsight_av_report", clips: int = 8, device: str = "cpu",
              seed: int = 0, captions: int = 4, max_new_tokens: int = 16, progress: bool = True) -> dict[str, Any]:
     """Run the pipeline and write ``report.md``, ``report.json`` and figures (PNG) into ``out``."""
@@ -125,16 +142,18 @@ def run_demo(model: str = "default", out: Path | str = "nnsight_av_report", clip
     t = lap("sinks_mds", t)
 
     # 2. dominance and causal tracing (sections 4-5), resumable JSONL in the report folder
-    pipeline = analyses.trace_dataset(m, records, out / "trace.jsonl", progress=progress, token_sets=TOKEN_SETS,
-                                      sink_dims=dims or None)
+    pipeline = _fresh_if_changed(lambda overwrite: analyses.trace_dataset(
+        m, records, out / "trace.jsonl", progress=progress, token_sets=TOKEN_SETS, sink_dims=dims or None,
+        overwrite=overwrite))
     counts = pipeline.dominance.counts()
     trace = pipeline.trace
     t = lap("dominance_tracing", t)
 
     # 3. ASD vs greedy captions, CHAIR (section 6)
     caption_records = _caption_records(captions, seed, out / "caption_clips")
-    evaluation = analyses.evaluate(m, caption_records, methods=("greedy", "asd"), out=out / "captions.jsonl",
-                                   max_new_tokens=max_new_tokens, progress=progress)
+    evaluation = _fresh_if_changed(lambda overwrite: analyses.evaluate(
+        m, caption_records, methods=("greedy", "asd"), out=out / "captions.jsonl", max_new_tokens=max_new_tokens,
+        progress=progress, overwrite=overwrite))
     eval_table = evaluation.table()
     t = lap("captions", t)
 
@@ -174,6 +193,7 @@ def run_demo(model: str = "default", out: Path | str = "nnsight_av_report", clip
                                       if r.get("status") == "ok"])),
         "trace_x100": trace_rows,
         "captions": json.loads(eval_table.to_json(orient="records")),
+        "caption_notes": evaluation.notes(),
         "figures": figures,
         "timings_s": timings,
     }
@@ -240,5 +260,6 @@ def _markdown(report: dict[str, Any]) -> str:
     if "trace_bars" in report["figures"]:
         lines += ["", f"![trace_bars]({report['figures']['trace_bars']})"]
     lines += ["", "## ASD vs greedy (CHAIR, lower is better)", ""] + _table(report["captions"])
+    lines += [f"\n* {note}" for note in report.get("caption_notes", [])]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()), ""]
     return "\n".join(lines)

@@ -34,5 +34,5 @@ def test_unknown_model_type_is_a_clear_error(tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(nav.UnknownModelError, match="cannot read a model config"):
+    with pytest.raises(nav.UnknownModelError, match="existing folder"):
         nav.load(str(tmp_path / "nothing-here"))

@@ -296,8 +296,9 @@ def test_dataset_errors(tmp_path, tiny):
         read_caption_dataset(bad)
     missing = tmp_path / "m.json"
     missing.write_text(json.dumps([{"id": "x", "video": "nowhere.mp4", "objects": ["dog"]}]))
-    with pytest.raises(nav.MediaError, match="not found"):
-        evaluate(tiny, missing, ["greedy"], progress=False)
+    result = evaluate(tiny, missing, ["greedy"], progress=False)     # a bad clip is an error line, not a crash
+    (row,) = result.errors
+    assert row["error_type"] == "MediaError" and "not found" in row["error"] and not result.ok
     with pytest.raises(nav.InputError, match="unknown decoding methods"):
         evaluate(tiny, [], ["beam"], progress=False)
 

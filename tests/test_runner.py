@@ -110,19 +110,19 @@ def test_crash_and_resume_gives_the_uninterrupted_result(sharp, tmp_path, monkey
 
     def crashing(model, record, config=None):
         calls.append(record.id)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
+        if len(calls) == 2:                                                # clip1 (invalid records make no call)
+            raise KeyboardInterrupt("simulated crash")
         return real(model, record, config)
 
     monkeypatch.setattr(runner_module, "analyze_clip", crashing)
     out = tmp_path / "resumed.jsonl"
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(KeyboardInterrupt, match="simulated crash"):
         trace_dataset(sharp, data, out, progress=False, **SETTINGS)
     assert [json.loads(l)["id"] for l in out.read_text().splitlines()] == ["clip0", "corrupt-file"]
     calls.clear()
     monkeypatch.setattr(runner_module, "analyze_clip", lambda *a, **k: (calls.append(a[1].id), real(*a, **k))[1])
     resumed = trace_dataset(sharp, data, out, progress=False, **SETTINGS)
-    assert calls == ["clip1", "clip2", "missing"]                         # nothing saved is recomputed
+    assert calls == ["clip1", "clip2"]                        # nothing saved is recomputed, invalid records never run
     assert out.read_text() == (tmp_path / "whole.jsonl").read_text()
     assert resumed.records == whole.records
     table = TraceResult.load(out).table()

@@ -211,10 +211,10 @@ def make_clip(
 
 
 def _record(index: int, seed: int, name: str, task: str, options: Sequence[str], keep_arrays: bool,
-            distractor: str | None | bool, prefix: str) -> ToyRecord:
+            distractor: str | None | bool, prefix: str, seconds: float = SECONDS) -> ToyRecord:
     item = get_entity(name)
     cseed = clip_seed(seed, index)
-    frames, audio, shown = make_clip(name, cseed, distractor=distractor)
+    frames, audio, shown = make_clip(name, cseed, distractor=distractor, seconds=seconds)
     prompt = mc_prompt(options) if task == "mc" else CAPTION_PROMPT
     options = list(options) if task == "mc" else []
     objects = [item.shape] + ([shown] if shown else []) + [name]
@@ -236,6 +236,7 @@ def make_dataset(
     keep_arrays: bool = True,
     prefix: str = "toy-",
     progress: bool = False,
+    seconds: float = SECONDS,
 ) -> list[ToyRecord]:
     """``n`` toy clips with prompts for ``task`` ("mc" or "caption"), balanced over ``entities``.
 
@@ -244,7 +245,18 @@ def make_dataset(
     depend on ``task``, so an "mc" and a "caption" set with equal seeds show the same
     clips. The multiple-choice options are always all ten entities, in the world's
     order (A. bell ... J. phone), which is how the toy model was trained.
+
+    ``seconds`` sets the clip length (the shipped models were trained on the default, 4 s,
+    two 2-second chunks; other lengths are for length controls). A clip's seed, entity and
+    distractor do not depend on it, and its motion is a function of time, so the frames of a
+    longer clip start with the default clip's frames (its sound has the same kind and pitch
+    range but is drawn anew).
+
+    >>> [r.frames.shape[0] for r in make_dataset(1, seconds=6.0) + make_dataset(1)]
+    [12, 8]
     """
+    if not np.isfinite(seconds) or seconds <= 0:
+        raise InputError(f"seconds must be a positive clip length, got {seconds!r}")
     if task not in TASKS:
         raise InputError(f"task must be one of {TASKS}, got {task!r}")
     if not isinstance(n, int) or n < 1:
@@ -259,7 +271,7 @@ def make_dataset(
         from tqdm.auto import tqdm
 
         indices = tqdm(indices, desc=f"toy clips ({task})")
-    return [_record(i, seed, order[i], task, ENTITY_NAMES, keep_arrays, distractor, prefix) for i in indices]
+    return [_record(i, seed, order[i], task, ENTITY_NAMES, keep_arrays, distractor, prefix, seconds) for i in indices]
 
 
 def write_dataset(
