@@ -97,13 +97,12 @@ class PipelineConfig:
         names = [self.token_sets] if isinstance(self.token_sets, str) else list(self.token_sets)
         if not names:
             raise InputError("token_sets is empty: name at least one token set")
-        known = [*TOKEN_SETS, *registered_token_sets()]                 # registered: analyses.controls' sets
+        known = list(TOKEN_SETS) + list(registered_token_sets())     # registered: analyses.controls' sets
         for name in names:
             if name not in known:
                 close = difflib.get_close_matches(str(name), known, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise InputError(f"unknown token set {name!r}{hint}; built-in sets: {list(TOKEN_SETS)}, "
-                                 f"registered: {sorted(registered_token_sets())}")
+                raise InputError(f"unknown token set {name!r}{hint}; known sets: {known}")
         if self.method not in METHODS:
             raise InputError(f"unknown tracing method {self.method!r}; choose one of {list(METHODS)}")
         if self.ablation not in ("raw", "encoder"):
