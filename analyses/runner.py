@@ -86,12 +86,11 @@ class PipelineConfig:
 
         Run before the model loads, so a typo fails the run at once instead of every clip.
 
-        >>> PipelineConfig(site="resid_mid").validate()
+        >>> PipelineConfig(site="resid_mid").validate()  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        nnsight_av.errors.InputError: unknown site 'resid_mid'; choose one of ('input_layernorm', 'resid_pre', \
-'resid_post', 'attn_output', 'mlp_output') (aliases: ['attn', 'before_attn', 'layer_input', 'layer_output', 'mlp', \
-'residual', 'self_attn'])
+        nnsight_av.errors.InputError: unknown site 'resid_mid' for patching; choose one of ('input_layernorm', \
+'resid_pre', 'resid_post', 'attn_output', 'mlp_output') (aliases: [...])
         """
         canonical_site(self.site)
         names = [self.token_sets] if isinstance(self.token_sets, str) else list(self.token_sets)
