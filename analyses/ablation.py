@@ -17,6 +17,7 @@ import torch
 
 from nnsight_av.errors import InputError, SpanError
 from nnsight_av.inputs import AVInputs, MediaRequest
+from nnsight_av.spans import AV_MODALITIES
 
 if TYPE_CHECKING:
     from nnsight_av import AVModel
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["ablate", "EncoderAblatedInputs", "encoder_edit", "zeroed_of", "check_same_layout", "MODALITIES",
            "ABLATION_METHODS"]
 
-MODALITIES = ("audio", "video")
+MODALITIES = AV_MODALITIES  # the removable ones (old name, kept)
 ABLATION_METHODS = ("raw", "encoder")
 _ENCODER_ROLE = {"audio": "audio_encoder", "video": "vision_encoder"}
 

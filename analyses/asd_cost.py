@@ -34,7 +34,8 @@ import torch
 from nnsight_av.errors import InputError
 
 from .asd import ASDConfig, asd_generate, strength_target
-from .chair import Vocabulary, _vocabulary, chair, example_vocabulary
+from .chair import Vocabulary, as_vocabulary, chair, example_vocabulary
+from .evaluate import METHODS, decoding_kwargs, run_method
 from .options import letter_probs, normalize_options, option_token_ids
 from .results import JsonResult, read_json
 
@@ -383,8 +384,6 @@ def asd_cost(
     """
     from tqdm.auto import tqdm
 
-    from .evaluate import METHODS, _method_kwargs, run_method
-
     methods = list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -398,14 +397,14 @@ def asd_cost(
         config = ASDConfig.from_dict(config)
     if not isinstance(config, ASDConfig):
         raise InputError(f"config must be an ASDConfig or a dict of its fields, got {type(config).__name__}")
-    extra = {m: _method_kwargs(m, kw) for m, kw in dict(method_kwargs or {}).items()}
+    extra = {m: decoding_kwargs(m, kw) for m, kw in dict(method_kwargs or {}).items()}
     bad = sorted(set(extra) - set(methods))
     if bad:
         raise InputError(f"method_kwargs for methods that are not run: {bad}")
     config = extra.setdefault("asd", {}).setdefault("config", config)      # one ASD setting for answers and captions
     mc_items = [_mc_item(r, i) for i, r in enumerate(mc)]
     cap_items = [_caption_item(r, i) for i, r in enumerate(captions)]
-    vocab = example_vocabulary() if vocabulary is None else _vocabulary(vocabulary, None)
+    vocab = example_vocabulary() if vocabulary is None else as_vocabulary(vocabulary, None)
     if cap_items and not any(vocab.canonical(o) for _, _, objects in cap_items for o in objects):
         raise InputError(f"the CHAIR vocabulary {vocab.name!r} knows none of the captions' ground-truth objects; "
                          "pass vocabulary= (for toy clips: sorted(nnsight_av.toy.OBJECT_WORDS))")

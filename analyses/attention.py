@@ -33,7 +33,10 @@ import nnsight
 import torch
 from jaxtyping import Float, Int
 
+from interventions.runtime.decoder import Decoder, StopForward
+from interventions.runtime.routing import AttentionHook
 from nnsight_av.errors import InputError, TokenSelectionError
+from nnsight_av.inputs import AVInputs
 
 if TYPE_CHECKING:
     from nnsight_av import AVInputs, AVModel
@@ -401,8 +404,6 @@ def column_probs(
 # ---------------------------------------------------------------------------------------
 def as_list(inputs: "AVInputs | Sequence[AVInputs]") -> tuple[list["AVInputs"], bool]:
     """``(list_of_inputs, was_single)``; raises `InputError` on anything else."""
-    from nnsight_av import AVInputs
-
     if isinstance(inputs, AVInputs):
         return [inputs], True
     if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, AVInputs) for x in inputs):
@@ -498,8 +499,6 @@ def _batch_data(model: "AVModel", batch: Sequence["AVInputs"]) -> dict[str, Any]
 
 
 def _run_prefill_hooked(model, batch, residual_layers, on_residual, attention_layers, on_attention, fuse):
-    from .decoding import AttentionHook, Decoder, _Stop
-
     decoder = Decoder(model)
     config = model.adapter.text_config
     softcap = bool(getattr(config, "attn_logit_softcapping", None))
@@ -520,7 +519,7 @@ def _run_prefill_hooked(model, batch, residual_layers, on_residual, attention_la
                 lse = attention_lse(query, key, float(scale), mask)
             found_attn[layer] = on_attention(layer, query, key, lse, float(scale))
             if (layer, 1) == stop_at:
-                raise _Stop
+                raise StopForward
             return out.transpose(1, 2).contiguous() if fused else None
 
     def residual(layer: int):
@@ -528,14 +527,14 @@ def _run_prefill_hooked(model, batch, residual_layers, on_residual, attention_la
             hidden = args[0] if args else kwargs["hidden_states"]
             found_res[layer] = on_residual(layer, hidden)
             if (layer, 0) == stop_at:
-                raise _Stop
+                raise StopForward
         return pre
 
     handles = [decoder.layers[l].register_forward_pre_hook(residual(l), with_kwargs=True) for l in residual_layers]
     try:
         with torch.no_grad(), decoder.hooked(Reader(decoder.attention)):
             decoder.module(**decoder.data(_batch_data(model, batch)), use_cache=False)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         for handle in handles:
@@ -689,7 +688,8 @@ class ColumnSums:
         return self.mean()[:, self.groups.index(name)]
 
 
-def _row_group_ids(item: "AVInputs", groups: Mapping[str, Any]) -> torch.Tensor:
+def row_group_ids(item: "AVInputs", groups: Mapping[str, Any]) -> torch.Tensor:
+    """Per position of ``item``, the index of the group in ``groups`` it belongs to (-1: none)."""
     ids = torch.full((len(item),), -1, dtype=torch.long)
     for g, (name, spec) in enumerate(groups.items()):
         pos = _resolve(spec if spec is not None else name, item, f"row group {name!r}")
@@ -700,7 +700,7 @@ def _row_group_ids(item: "AVInputs", groups: Mapping[str, Any]) -> torch.Tensor:
     return ids
 
 
-def _group_counts(group_ids: torch.Tensor, num_groups: int, columns: torch.Tensor, strict: bool) -> torch.Tensor:
+def group_counts(group_ids: torch.Tensor, num_groups: int, columns: torch.Tensor, strict: bool) -> torch.Tensor:
     """``counts[g, j]`` = rows of group ``g`` after (or at, if not strict) ``columns[j]``."""
     counts = torch.zeros(num_groups, columns.numel(), dtype=torch.long)
     for g in range(num_groups):
@@ -756,7 +756,7 @@ def column_attention_sums(
         raise InputError("row_groups is empty")
     col_specs = _per_item(columns, items, single)
     cols = [_resolve(c, it, "column") for c, it in zip(col_specs, items)]
-    gids = [_row_group_ids(it, groups) for it in items]
+    gids = [row_group_ids(it, groups) for it in items]
     results: list[ColumnSums] = []
     index = 0
     for chunk in progress_batches(items, batch_size, progress, "column attention"):
@@ -782,7 +782,7 @@ def column_attention_sums(
             n = c_list[i].numel()
             sums = torch.stack([found[l][i, :, :n].cpu() for l in layer_list])
             results.append(ColumnSums(layer_list, c_list[i], list(groups), sums,
-                                      _group_counts(g_list[i], len(groups), c_list[i], strict), model.num_heads,
+                                      group_counts(g_list[i], len(groups), c_list[i], strict), model.num_heads,
                                       strict))
         index += len(chunk)
     return results[0] if single else results

@@ -262,7 +262,8 @@ class ChairResult(JsonResult):
         return f"<b>{self!r}</b>" + self.to_frame().to_html(index=False)
 
 
-def _vocabulary(vocabulary: Any, synonyms: Mapping[str, Sequence[str]] | None) -> Vocabulary:
+def as_vocabulary(vocabulary: Any, synonyms: Mapping[str, Sequence[str]] | None) -> Vocabulary:
+    """``vocabulary`` (a `Vocabulary`, a JSON path, a dict or None for the example) with ``synonyms`` merged in."""
     if isinstance(vocabulary, Vocabulary):
         if synonyms:
             merged = {k: list(v) for k, v in vocabulary.objects.items()}
@@ -272,9 +273,9 @@ def _vocabulary(vocabulary: Any, synonyms: Mapping[str, Sequence[str]] | None) -
             return Vocabulary(merged, list(vocabulary.ignore), vocabulary.name)
         return vocabulary
     if isinstance(vocabulary, (str, Path)):
-        return _vocabulary(load_vocabulary(vocabulary), synonyms)
+        return as_vocabulary(load_vocabulary(vocabulary), synonyms)
     if isinstance(vocabulary, Mapping):
-        return _vocabulary(Vocabulary({k: list(v) for k, v in vocabulary.items()}), synonyms)
+        return as_vocabulary(Vocabulary({k: list(v) for k, v in vocabulary.items()}), synonyms)
     if isinstance(vocabulary, Iterable):
         return Vocabulary.from_words(list(vocabulary), synonyms)
     raise InputError(f"vocabulary must be a Vocabulary, a path, a mapping or a list of words, "
@@ -304,7 +305,7 @@ def chair(
         raise InputError("captions must be a list of strings, not one string")
     if len(captions) != len(ground_truth_objects):
         raise InputError(f"{len(captions)} captions but {len(ground_truth_objects)} ground-truth object lists")
-    vocab = _vocabulary(vocabulary, synonyms)
+    vocab = as_vocabulary(vocabulary, synonyms)
     details: list[CaptionChair] = []
     total = hallucinated_total = flagged = 0
     for caption, truth in zip(captions, ground_truth_objects):

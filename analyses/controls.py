@@ -37,6 +37,7 @@ a tracing setup finds it.
 
 from __future__ import annotations
 
+import json
 import warnings
 import zlib
 from contextlib import contextmanager
@@ -47,11 +48,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from nnsight_av.adapters.base import get_module
-from nnsight_av.errors import InputError, TokenSelectionError
+from nnsight_av import toy
+from nnsight_av.errors import AdapterError, InputError, TokenSelectionError
 
+from .ablation import ablate
 from .decoding import MEDIA_FEATURES
-from .tracing import TraceResult, register_token_set
+from .results import read_json
+from .tracing import TraceResult, causal_trace, register_token_set
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -381,11 +384,10 @@ def planted_route(model: "AVModel", item: "AVInputs", route: Any, *, source: str
     if positions.numel() == 0 or bool((rows >= base.numel()).any()) or not torch.equal(base[rows.clamp(max=max(
             base.numel() - 1, 0))], positions):
         raise TokenSelectionError(f"route must be a non-empty set of this input's {carrier} token positions")
-    paths = model.adapter.paths
-    if not paths.get(_ENCODER[source]) or not paths.get(_ENCODER[carrier]):
-        raise InputError("planted_route needs a model with both an audio and a vision encoder")
-    source_module = get_module(model._module, paths[_ENCODER[source]])
-    carrier_module = get_module(model._module, paths[_ENCODER[carrier]])
+    try:
+        source_module, carrier_module = model.raw(_ENCODER[source]), model.raw(_ENCODER[carrier])
+    except AdapterError:
+        raise InputError("planted_route needs a model with both an audio and a vision encoder") from None
     u = torch.nn.functional.normalize(torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(seed)),
                                       dim=0)
     state: dict[str, float] = {}
@@ -418,7 +420,7 @@ def planted_route(model: "AVModel", item: "AVInputs", route: Any, *, source: str
                              f"{'/'.join(MEDIA_FEATURES[source])} argument before the {carrier} encoder ran)")
         tokens[rows.to(tokens.device)] += gain * state["on"] * u.to(tokens.device, tokens.dtype)
 
-    handles = [model._module.register_forward_pre_hook(on_forward, with_kwargs=True),
+    handles = [model.raw().register_forward_pre_hook(on_forward, with_kwargs=True),
                source_module.register_forward_hook(on_source, with_kwargs=True),
                carrier_module.register_forward_hook(on_carrier)]
     try:
@@ -438,10 +440,6 @@ def toy_length_pairs(model: "AVModel", seconds: float, n: int, seed: int = 0
     Clips show the entities only their sound tells apart (bell, horn, bird, frog), so the
     answer rests on the audio by construction; the prompt is the toy multiple-choice one.
     """
-    from nnsight_av import toy
-
-    from .ablation import ablate
-
     audio_only = [e.name for e in toy.ENTITIES if e.identified_by == "audio"]
     records = toy.make_dataset(n, seed=seed, task="mc", entities=audio_only, seconds=seconds,
                                prefix=f"toy{seconds:g}s-")
@@ -546,13 +544,9 @@ class LengthControlResult:
         return fig
 
     def to_dict(self) -> dict[str, Any]:
-        import json
-
         return {"kind": "LengthControlResult", "meta": self.meta, "trace": json.loads(self.trace.to_json())}
 
     def to_json(self, path: str | Path | None = None) -> str:
-        import json
-
         text = json.dumps(self.to_dict())
         if path is not None:
             Path(path).write_text(text)
@@ -567,10 +561,6 @@ class LengthControlResult:
     @classmethod
     def load(cls, path: str | Path) -> "LengthControlResult":
         """Read a `save` file (or JSON text)."""
-        import json
-
-        from .results import read_json
-
         data = read_json(path, kind="LengthControlResult")
         return cls(TraceResult.from_json(json.dumps(data["trace"])), dict(data.get("meta", {})))
 
@@ -605,8 +595,6 @@ def length_control(
     """
     from tqdm.auto import tqdm
 
-    from .tracing import causal_trace
-
     lengths = [float(s) for s in lengths]
     if not lengths or any(not np.isfinite(s) or s <= 0 for s in lengths):
         raise InputError(f"lengths must be positive durations in seconds, got {lengths}")
@@ -616,9 +604,7 @@ def length_control(
     if options is None:
         if pairs is not None:
             raise InputError("pass options= (the answer letters) with your own pairs()")
-        from nnsight_av.toy import ENTITY_NAMES, LETTERS
-
-        options = LETTERS[:len(ENTITY_NAMES)]
+        options = toy.LETTERS[:len(toy.ENTITY_NAMES)]
     letters = options
     results = []
     for seconds in tqdm(lengths, desc="length control", disable=not progress):

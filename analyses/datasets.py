@@ -358,7 +358,7 @@ class ClipRecord:
         return model.prepare(text=self.prompt, **media)
 
 
-def _rows(path: Path) -> list[tuple[int, Any]]:
+def read_rows(path: Path) -> list[tuple[int, Any]]:
     """``(line, parsed JSON or the parse error)`` per record of a ``.json`` / ``.jsonl`` file."""
     try:
         text = path.read_text()
@@ -384,7 +384,7 @@ def _rows(path: Path) -> list[tuple[int, Any]]:
     return [(i + 1, row) for i, row in enumerate(data)]
 
 
-def _parse(parse: Any, row: Any, root: Any, index: int) -> Any:
+def parse_record(parse: Any, row: Any, root: Any, index: int) -> Any:
     """``parse(row, root, index)`` with any failure of a hostile record made an `InputError`."""
     try:
         return parse(row, root, index)
@@ -424,7 +424,7 @@ def read_dataset(
         if not path.is_file():
             raise InputError(f"data set file not found: {str(path)!r}" if not path.exists() else
                              f"the data set {str(path)!r} is not a regular file")
-        rows = _rows(path)
+        rows = read_rows(path)
         root = path.resolve().parent
         place = f"{path.name} line" if path.suffix == ".jsonl" else f"{path.name} record"
     else:
@@ -434,7 +434,7 @@ def read_dataset(
         try:
             if isinstance(row, Exception):
                 raise row
-            record = row if isinstance(row, ClipRecord) else _parse(ClipRecord.from_dict, row, root, len(records))
+            record = row if isinstance(row, ClipRecord) else parse_record(ClipRecord.from_dict, row, root, len(records))
         except NNsightAVError as error:
             if on_error == "raise":
                 text = str(error)

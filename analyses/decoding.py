@@ -1,16 +1,10 @@
-"""Decoding over an `AVModel`'s thinker: greedy, VCD, FMD, and the shared KV-cache machinery ASD uses.
+"""Decoding over an `AVModel`'s thinker: greedy, VCD, FMD.
 
-Every method here runs its own decode loop over the Hugging Face module (no nnsight trace
-per step), so the methods can be timed against each other on an equal footing:
-
-- the prefill is one call of the thinker (media encoders, merge, rope index) that stops
-  after the decoder stack, so no full-vocabulary logits are computed for the prompt;
-- each later step calls the decoder stack alone with the cached keys/values, the new
-  token's embedding and its rope position, then the LM head on the last row;
-- methods that need something *inside* attention (ASD's boost and statistics, FMD's merge
-  weights) register one attention function with transformers' ``AttentionInterface`` and
-  switch the text config to it for the duration of the call; layers they do not touch run
-  SDPA exactly as before.
+Every method here runs its own decode loop on the fast runtime (`interventions.runtime`:
+a prefill that stops after the decoder stack, cached decode steps, the routed attention
+function for what happens inside attention), so the methods can be timed against each
+other on an equal footing. ``Decoder``, ``AttentionHook`` and ``boosted_attention`` are
+re-exported here from their home in ``interventions`` for old imports.
 
 Public here: `greedy_generate`, `vcd_generate`, `fmd_generate`, `DecodeOutput`,
 `noised_features` (VCD's contrast input), `blank_modality` (FMD's branch inputs) and
@@ -21,19 +15,20 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Float
 
-from nnsight_av.adapters.base import get_module
-from nnsight_av.errors import AdapterError, InputError, LayerIndexError, SpanError
-from nnsight_av.inputs import move_data
+from nnsight_av.errors import InputError, LayerIndexError, SpanError
+from nnsight_av.inputs import AVInputs
+
+from interventions.attention_edits import boosted_attention  # noqa: F401  (re-exported)
+from interventions.runtime.decoder import Decoder, Prefill, StopForward, data_on, sync_device  # noqa: F401
+from interventions.runtime.hooks import applied
+from interventions.runtime.routing import ATTENTION_IMPLEMENTATION, AttentionHook  # noqa: F401
 
 from .results import JsonResult, read_json
 
@@ -45,9 +40,6 @@ if TYPE_CHECKING:
 __all__ = ["DecodeOutput", "greedy_generate", "vcd_generate", "fmd_generate", "noised_features", "diffusion_keep",
            "NOISE_SCHEDULES", "blank_modality",
            "boosted_attention", "ATTENTION_IMPLEMENTATION"]
-
-#: Name under which the hooked attention function is registered with transformers.
-ATTENTION_IMPLEMENTATION = "nnsight_av_hooked"
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,301 +95,8 @@ class DecodeOutput(JsonResult):
                 f"ms/token={self.ms_per_token:.1f}, text={self.text[:60]!r})")
 
 
-# ---------------------------------------------------------------------------------------
-# the attention the guided branch computes, written out
-# ---------------------------------------------------------------------------------------
-def boosted_attention(
-    query: Float[torch.Tensor, "batch heads q dim"],
-    key: Float[torch.Tensor, "batch kv_heads k dim"],
-    value: Float[torch.Tensor, "batch kv_heads k dim"],
-    scale: float,
-    mask: torch.Tensor | None = None,
-    *,
-    batch: Sequence[int] = (),
-    rows: torch.Tensor | None = None,
-    columns: torch.Tensor | None = None,
-    alpha: float = 0.0,
-    mode: str = "pre_softmax",
-) -> tuple[Float[torch.Tensor, "batch q heads dim"], Float[torch.Tensor, "batch heads q k"]]:
-    """Attention with the logits of chosen (row, column) pairs raised before the softmax.
-
-    For batch entries ``batch``, query rows ``rows`` (indices into the ``q`` axis; all when
-    None) and key ``columns``: ``a <- a + alpha * |a|`` (``mode="pre_softmax"``, METHOD.md
-    section 6) or ``a <- a + log(1 + alpha)``, i.e. the probabilities of those columns
-    multiplied by ``1 + alpha`` and renormalised (``mode="multiplicative"``). ``a`` is the
-    scaled logit; the boost is applied before the mask, so masked keys stay masked.
-    ``mask``: None (causal, queries aligned to the last keys), boolean (True = attend) or
-    additive float, broadcastable to ``[B, heads, q, k]``. Grouped-query attention is handled
-    without expanding the keys. Computed in float32; returns the output in the layout
-    transformers' attention functions return (``[B, q, heads, dim]``, query dtype) and the
-    probabilities ``[B, heads, q, k]`` (float32).
-
-    >>> q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
-    >>> out, probs = boosted_attention(q, k, v, 0.5)
-    >>> ref = torch.nn.functional.scaled_dot_product_attention(q, k.expand(1, 2, 5, 4), v.expand(1, 2, 5, 4),
-    ...     attn_mask=torch.ones(3, 5, dtype=torch.bool).tril(2), scale=0.5)
-    >>> torch.allclose(out.transpose(1, 2), ref, atol=1e-6)
-    True
-    """
-    b, h, n, d = query.shape
-    kv, tk = key.shape[1], key.shape[2]
-    if h % kv:
-        raise InputError(f"query heads ({h}) must be a multiple of key/value heads ({kv})")
-    g = h // kv
-    logits = torch.matmul(query.float().reshape(b, kv, g * n, d), key.float().transpose(-1, -2))
-    logits = logits.view(b, h, n, tk).mul_(scale)
-    if alpha and columns is not None and columns.numel() and len(batch):
-        if mode not in ("pre_softmax", "multiplicative"):
-            raise InputError(f"boost mode must be 'pre_softmax' or 'multiplicative', got {mode!r}")
-        cols = columns.to(logits.device)
-        row_idx = torch.arange(n, device=logits.device) if rows is None else rows.to(logits.device)
-        if row_idx.numel():
-            ri, ci = row_idx[:, None], cols[None, :]
-            for bi in batch:
-                picked = logits[bi, :, ri, ci]
-                bonus = alpha * picked.abs() if mode == "pre_softmax" else torch.full_like(picked, math.log1p(alpha))
-                logits[bi, :, ri, ci] = picked + bonus
-    if mask is None:
-        if n > 1:
-            allowed = torch.arange(tk, device=logits.device)[None, :] <= (torch.arange(n, device=logits.device)[:, None]
-                                                                         + (tk - n))
-            logits = logits.masked_fill(~allowed, float("-inf"))
-    elif mask.dtype == torch.bool:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    else:
-        logits = logits + mask.float()
-    probs = torch.softmax(logits, dim=-1)
-    out = torch.matmul(probs.view(b, kv, g * n, tk), value.float()).view(b, h, n, -1)
-    return out.transpose(1, 2).to(query.dtype).contiguous(), probs
-
-
-# ---------------------------------------------------------------------------------------
-# the hooked attention function
-# ---------------------------------------------------------------------------------------
-class AttentionHook:
-    """Base class of the per-call objects the hooked attention function consults.
-
-    ``layer_of`` maps ``id(attention module)`` to its decoder layer; `attend` returns the
-    attention output (``[B, q, heads, dim]``) to use instead of SDPA's, or None to run SDPA.
-    """
-
-    def __init__(self, attention_modules: Sequence[torch.nn.Module]) -> None:
-        self.layer_of = {id(m): i for i, m in enumerate(attention_modules)}
-
-    def attend(self, layer: int, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor | None:
-        return None
-
-
-_ACTIVE: ContextVar[AttentionHook | None] = ContextVar("nnsight_av_attention_hook", default=None)
-_REGISTERED = False
-
-
-def _hooked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    hook = _ACTIVE.get()
-    if hook is not None:
-        layer = hook.layer_of.get(id(module))
-        if layer is not None:
-            special = [k for k in ("sliding_window", "softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
-            if special:
-                raise AdapterError(f"decoder layer {layer} calls attention with {special}; the hooked attention of "
-                                   "ASD/FMD computes plain causal softmax attention only")
-            scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
-            out = hook.attend(layer, module, query, key, value, attention_mask, float(scale))
-            if out is not None:
-                return out, None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **kwargs)
-
-
-def _register() -> None:
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    from transformers.modeling_utils import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_IMPLEMENTATION, _hooked_attention)
-    # Masks are built as for SDPA (None when plain causal), which is what the function falls back to.
-    AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
-    _REGISTERED = True
-
-
-class _Stop(Exception):
-    """Raised from the decoder stack's forward hook to skip the full-sequence LM head."""
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _data_on(data: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    return move_data(data, device, dtype)
-
-
-@dataclass
-class Prefill:
-    """What a prefill leaves behind: the cache, the last row's logits and the prompt's embeddings/positions."""
-
-    cache: Any
-    logits: torch.Tensor                  # [B, vocab] float32, last prompt position
-    embeds: torch.Tensor                  # [B, T, hidden] input of decoder layer 0
-    positions: torch.Tensor | None        # as the decoder stack received them
-    length: int
-
-    @property
-    def next_position(self) -> torch.Tensor:
-        """Per batch row, the rope position of the first generated token."""
-        if self.positions is None:
-            return torch.full((self.embeds.shape[0],), self.length, dtype=torch.long, device=self.embeds.device)
-        pos = self.positions
-        if pos.dim() == 3:
-            pos = pos[1:] if pos.shape[0] == 4 else pos       # a leading text-position row is not a rope axis
-            return pos.amax(dim=(0, 2)) + 1
-        return pos.amax(dim=-1) + 1
-
-
-class Decoder:
-    """Prefill and cached decode steps over an `AVModel`'s Hugging Face module.
-
-    The decoder stack is the parent module of the adapter's ``layers``; the prefill runs the
-    whole thinker (so media are encoded and merged by the model's own code) and stops after
-    the decoder stack; steps call the decoder stack with embeddings and positions.
-    """
-
-    def __init__(self, model: "AVModel") -> None:
-        from transformers import DynamicCache  # noqa: F401  (fail early if missing)
-
-        self.model = model
-        self.module = model._module
-        adapter = model.adapter
-        layers_path = adapter.paths["layers"]
-        self.stack = get_module(self.module, layers_path.rsplit(".", 1)[0]) if "." in layers_path else self.module
-        self.layers = get_module(self.module, layers_path)
-        self.embed = get_module(self.module, adapter.paths["embed"])
-        self.lm_head = get_module(self.module, adapter.paths["lm_head"])
-        self.attention = [get_module(layer, adapter.layer_paths["self_attn"]) for layer in self.layers]
-        self.device = self.embed.weight.device
-        self.dtype = self.embed.weight.dtype
-        self.num_layers = len(self.layers)
-        config = getattr(self.module, "generation_config", None)
-        eos = getattr(config, "eos_token_id", None)
-        self.eos = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
-
-    # -- inputs ------------------------------------------------------------------------
-    def data(self, inputs: "AVInputs | dict[str, Any]") -> dict[str, Any]:
-        raw = inputs.data if hasattr(inputs, "data") else inputs
-        return _data_on(dict(raw), self.device, self.dtype)
-
-    def _configs(self) -> list[Any]:
-        found: dict[int, Any] = {}
-        for module in [self.stack, *self.attention]:
-            config = getattr(module, "config", None)
-            if config is not None:
-                found[id(config)] = config
-        return list(found.values())
-
-    @contextmanager
-    def hooked(self, hook: AttentionHook) -> Iterator[None]:
-        """Route this model's decoder attention through ``hook`` (SDPA where it returns None)."""
-        _register()
-        configs = self._configs()
-        previous = [c._attn_implementation for c in configs]
-        for config in configs:
-            config._attn_implementation = ATTENTION_IMPLEMENTATION
-        token = _ACTIVE.set(hook)
-        try:
-            yield
-        finally:
-            _ACTIVE.reset(token)
-            for config, value in zip(configs, previous):
-                config._attn_implementation = value
-
-    # -- forward -----------------------------------------------------------------------
-    def new_cache(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
-        from transformers import DynamicCache
-
-        if layers is None:
-            return DynamicCache(config=self.module.config.get_text_config())
-        return DynamicCache(ddp_cache_data=list(layers))
-
-    @staticmethod
-    def kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(layer.keys, layer.values) for layer in cache.layers]
-
-    def prefill(self, data: dict[str, Any], pre_layer: Callable | None = None) -> Prefill:
-        """Run the prompt (batch as in ``data``) and keep its KV cache and last-row logits."""
-        cache = self.new_cache()
-        captured: dict[str, Any] = {}
-
-        def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["embeds"] = kwargs.get("inputs_embeds")
-            captured["positions"] = kwargs.get("position_ids")
-            if captured["embeds"] is None:
-                ids = kwargs.get("input_ids", args[0] if args else None)
-                captured["embeds"] = self.embed(ids)
-
-        def after(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-            raise _Stop
-
-        handles = [self.stack.register_forward_pre_hook(before, with_kwargs=True),
-                   self.stack.register_forward_hook(after, with_kwargs=True)]
-        try:
-            self.module(**data, past_key_values=cache, use_cache=True)
-        except _Stop:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        if "hidden" not in captured:
-            raise InputError("the prefill did not reach the decoder stack; check the inputs")
-        logits = self.lm_head(captured["hidden"][:, -1]).float()
-        positions = captured["positions"]
-        return Prefill(cache, logits, captured["embeds"], positions, int(captured["embeds"].shape[1]))
-
-    def positions(self, prefill: Prefill, offset: int | torch.Tensor, count: int = 1,
-                  batch: int | None = None) -> torch.Tensor | None:
-        """Rope positions of ``count`` tokens starting ``offset`` tokens after the prompt."""
-        pos = prefill.positions
-        if pos is None:
-            return None
-        start = prefill.next_position
-        if batch is not None and start.shape[0] != batch:
-            start = start[:1].expand(batch)
-        steps = torch.arange(count, device=start.device) + offset
-        new = start[:, None] + steps[None, :]                                   # [B, count]
-        if pos.dim() == 2:
-            return new
-        rows = [new] * pos.shape[0]
-        if pos.shape[0] == 4:
-            rows[0] = (torch.arange(count, device=start.device) + prefill.length + offset)[None].expand_as(new)
-        return torch.stack(rows)
-
-    def run(self, embeds: torch.Tensor, positions: torch.Tensor | None, cache: Any) -> torch.Tensor:
-        """Decoder stack over ``embeds`` with ``cache``; the LM head's float32 logits of the last row."""
-        out = self.stack(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True)
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        return self.lm_head(hidden[:, -1]).float()
-
-    def step(self, tokens: torch.Tensor, prefill: Prefill, offset: int, cache: Any) -> torch.Tensor:
-        """One decode step: ``tokens [B]`` placed ``offset`` tokens after the prompt."""
-        embeds = self.embed(tokens[:, None])
-        return self.run(embeds, self.positions(prefill, offset, 1, batch=tokens.shape[0]), cache)
-
-    def decode_text(self, ids: Sequence[int]) -> str:
-        tokenizer = self.model.tokenizer
-        if tokenizer is None:
-            return ""
-        return tokenizer.decode(list(ids), skip_special_tokens=True)
-
-
-def _check_tokens(max_new_tokens: int) -> None:
+def check_new_tokens(max_new_tokens: int) -> None:
+    """An `InputError` unless ``max_new_tokens`` is a positive int."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
 
@@ -417,9 +116,8 @@ def _greedy_loop(decoder: Decoder, prefill: Prefill, max_new_tokens: int,
     return ids, False
 
 
-def _as_inputs(model: "AVModel", inputs: Any) -> "AVInputs":
-    from nnsight_av import AVInputs
-
+def as_inputs(model: "AVModel", inputs: Any) -> "AVInputs":
+    """``inputs`` if it is `AVInputs`, else an `InputError` (decoding takes prepared inputs only)."""
     if not isinstance(inputs, AVInputs):
         raise InputError(f"inputs must be AVInputs (from model.prepare), got {type(inputs).__name__}")
     return inputs
@@ -428,10 +126,13 @@ def _as_inputs(model: "AVModel", inputs: Any) -> "AVInputs":
 # ---------------------------------------------------------------------------------------
 # greedy
 # ---------------------------------------------------------------------------------------
-def greedy_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64) -> DecodeOutput:
+def greedy_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64, *,
+                    interventions: Any = None) -> DecodeOutput:
     """Greedy decoding with a KV cache (the baseline every other method is timed against).
 
     Equal to ``model.generate(ex, do_sample=False)`` token for token; it stops at EOS.
+    ``interventions``: applied at the prefill and every step (`interventions.runtime.applied`),
+    the same as ``interventions.generate(model, ex, iv, runtime="hooks")``.
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
@@ -440,14 +141,14 @@ def greedy_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 
     >>> out.method, out.num_new_tokens <= 4
     ('greedy', True)
     """
-    _check_tokens(max_new_tokens)
-    ex = _as_inputs(model, inputs)
+    check_new_tokens(max_new_tokens)
+    ex = as_inputs(model, inputs)
     decoder = Decoder(model)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), applied(model, ex, interventions):
         prefill = decoder.prefill(decoder.data(ex))
         ids, finished = _greedy_loop(decoder, prefill, max_new_tokens, lambda lg: lg[0].argmax(), prefill.cache, 1)
-    _sync(decoder.device)
+    sync_device(decoder.device)
     ms = (time.perf_counter() - start) * 1000
     return DecodeOutput("greedy", decoder.decode_text(ids), ids, len(ex), ms, finished,
                         {"max_new_tokens": max_new_tokens})
@@ -522,7 +223,8 @@ def noised_features(inputs: "AVInputs | dict[str, Any]", noise_step: int = 500, 
 
 def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64, alpha: float = 1.0,
                  beta: float = 0.1, noise_step: int = 500, seed: int = 0,
-                 modalities: Sequence[str] = ("video", "audio"), schedule: str = "sigmoid") -> DecodeOutput:
+                 modalities: Sequence[str] = ("video", "audio"), schedule: str = "sigmoid", *,
+                 interventions: Any = None) -> DecodeOutput:
     """Visual contrastive decoding extended to audio and video (Leng et al., 2024).
 
     The clean prompt and a copy whose video and audio features are noised (`noised_features`)
@@ -532,6 +234,8 @@ def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     ``schedule`` set how noisy the contrast copy is (default: step 500 of VCD's sigmoid
     schedule, as in VCD's released code; ``schedule="linear"`` is DDPM's, much noisier).
 
+    ``interventions``: applied to every forward of both rows, prompt and steps (the hook runtime).
+
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
     >>> ex = model.prepare(video=nav.testing.synthetic_frames(2.0, 2, 56), audio=nav.testing.synthetic_tone(2.0),
@@ -539,11 +243,11 @@ def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     >>> vcd_generate(model, ex, max_new_tokens=3).method
     'vcd'
     """
-    _check_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     if not (math.isfinite(alpha) and alpha >= 0) or not 0 <= beta <= 1:
         raise InputError(f"VCD needs alpha >= 0 and beta in [0, 1]; got alpha={alpha}, beta={beta}")
     diffusion_keep(noise_step, schedule)  # checks both before the model runs
-    ex = _as_inputs(model, inputs)
+    ex = as_inputs(model, inputs)
     decoder = Decoder(model)
     start = time.perf_counter()
     log_beta = math.log(beta) if beta > 0 else -math.inf
@@ -554,13 +258,13 @@ def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
         plausible = clean >= clean.max() + log_beta
         return contrast.masked_fill(~plausible, float("-inf")).argmax()
 
-    with torch.inference_mode():
+    with torch.inference_mode(), applied(model, ex, interventions):     # both rows: the clean and noised runs
         clean = dict(ex.data)
         noisy = noised_features(clean, noise_step, seed, modalities, schedule)
         batch = model.adapter.collate([clean, noisy], padding_side="right", pad_id=0)
         prefill = decoder.prefill(decoder.data(batch))
         ids, finished = _greedy_loop(decoder, prefill, max_new_tokens, choose, prefill.cache, 2)
-    _sync(decoder.device)
+    sync_device(decoder.device)
     ms = (time.perf_counter() - start) * 1000
     return DecodeOutput("vcd", decoder.decode_text(ids), ids, len(ex), ms, finished,
                         {"max_new_tokens": max_new_tokens, "alpha": alpha, "beta": beta, "noise_step": noise_step,
@@ -576,7 +280,7 @@ def blank_modality(model: "AVModel", inputs: "AVInputs", modality: str) -> "AVIn
     Frame count and size, and audio length, are kept, so the token layout is identical
     (checked: a `SpanError` if the processor gives other tokens).
     """
-    ex = _as_inputs(model, inputs)
+    ex = as_inputs(model, inputs)
     request = ex.request
     if modality == "video":
         if request.video is None:
@@ -622,7 +326,7 @@ class _ForkHook(AttentionHook):
 
 
 def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64, fork_layer: int | None = None,
-                 merge: str | float = "attention", eps: float = 1e-8) -> DecodeOutput:
+                 merge: str | float = "attention", eps: float = 1e-8, *, interventions: Any = None) -> DecodeOutput:
     """Fork-merge decoding (Jung et al., 2025), as we read it.
 
     Fork: decoder layers ``0 .. fork_layer - 1`` run on two versions of the prompt, an
@@ -639,6 +343,8 @@ def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     with the prompt's ``w``. ``fork_layer`` defaults to a quarter of the depth. Building the two
     blanked inputs runs the processor; its time is in ``meta["prepare_ms"]``, not in ``ms``.
 
+    ``interventions``: applied to every forward of both rows, prompt and steps (the hook runtime).
+
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
     >>> ex = model.prepare(video=nav.testing.synthetic_frames(2.0, 2, 56), audio=nav.testing.synthetic_tone(2.0),
@@ -647,8 +353,8 @@ def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     >>> out.method, 0.0 <= out.meta["merge_weight_audio"] <= 1.0
     ('fmd', True)
     """
-    _check_tokens(max_new_tokens)
-    ex = _as_inputs(model, inputs)
+    check_new_tokens(max_new_tokens)
+    ex = as_inputs(model, inputs)
     decoder = Decoder(model)
     layers = decoder.num_layers
     fork = max(1, layers // 4) if fork_layer is None else fork_layer
@@ -690,7 +396,7 @@ def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     batch = model.adapter.collate([audio_only.data, video_only.data], padding_side="right", pad_id=0)
     prepare_ms = (time.perf_counter() - prepare_start) * 1000
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), applied(model, ex, interventions):     # both branches (one layout)
         handle = decoder.layers[fork].register_forward_pre_hook(merge_states, with_kwargs=True)
         try:
             with decoder.hooked(hook):
@@ -699,7 +405,7 @@ def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
                                              prefill.cache, 2)
         finally:
             handle.remove()
-    _sync(decoder.device)
+    sync_device(decoder.device)
     ms = (time.perf_counter() - start) * 1000
     w = float(weight["w"]) if "w" in weight else float("nan")
     return DecodeOutput("fmd", decoder.decode_text(ids), ids, len(ex), ms, finished,

@@ -21,11 +21,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from nnsight_av.errors import InputError
+from nnsight_av.inputs import AVInputs
 
+from .ablation import ablate
+from .clips import error_record, run_clips
 from .datasets import ClipRecord, InvalidRecord, check_dataset
+from .options import normalize_options, option_probs
+from .plots import plot_dominance
+from .store import model_identity, read_jsonl, write_jsonl
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.figure import Figure
 
     from nnsight_av import AVInputs, AVModel
 
@@ -68,11 +75,6 @@ def clip_dominance(
     method: str = "raw",
 ) -> dict[str, Any]:
     """The dominance record of one clip: letter probabilities and answers of av / a / v, and the label."""
-    from nnsight_av import AVInputs
-
-    from .ablation import ablate
-    from .options import normalize_options, option_probs
-
     if isinstance(clip, ClipRecord):
         clean = clip.prepare(model)
         options = clip.options if options is None else options
@@ -133,20 +135,30 @@ class DominanceResult:
             rows.append(row)
         return pd.DataFrame(rows).set_index("id")
 
+    def to_frame(self) -> "pd.DataFrame":
+        """The tidy table: one row per clip (``frame`` with ``id`` as a column)."""
+        return self.frame.reset_index()
+
+    def summary(self) -> "pd.DataFrame":
+        """One row per label (audio, video, neither, error) with its clip count."""
+        import pandas as pd
+
+        return pd.DataFrame(list(self.counts().items()), columns=["dominance", "clips"])
+
+    def plot(self, ax: Any = None) -> "Figure":
+        """Clips per dominance label; see `analyses.plots.plot_dominance`."""
+        return plot_dominance(self, ax=ax)
+
     def __repr__(self) -> str:
         return f"DominanceResult({self.counts()})"
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write one JSON line per clip (replacing ``path`` atomically)."""
-        from .store import write_jsonl
-
         return write_jsonl(path, self.records)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DominanceResult":
         """Read a `save` / run file (bad lines skipped with a warning, the last record of each clip kept)."""
-        from .store import read_jsonl
-
         return cls(read_jsonl(path, key="id"))
 
 
@@ -179,10 +191,6 @@ def dominance(
     >>> sorted(res.records[0]["answers"]), res.records[0]["dominance"] in LABELS
     (['a', 'av', 'v'], True)
     """
-    from nnsight_av import AVInputs
-
-    from .runner import run_clips
-
     items = list(dataset) if not isinstance(dataset, (str, os.PathLike)) else None
     if items is not None and items and all(isinstance(x, AVInputs) for x in items):
         if labels is not None and len(labels) != len(items):
@@ -203,8 +211,6 @@ def dominance(
     if out is None:
         from tqdm.auto import tqdm
 
-        from .runner import error_record
-
         results = []
         for record in tqdm(clips, desc="dominance", disable=not progress or len(clips) < 2):
             if isinstance(record, InvalidRecord):
@@ -215,8 +221,6 @@ def dominance(
             except Exception as error:                      # noqa: BLE001 - a clip's failure is its record
                 results.append(error_record(record.id, error))
         return DominanceResult(results)
-    from .runner import model_identity
-
     settings = {"kind": "dominance", "method": method, "correctness": correctness,
                 "options": json.loads(json.dumps(options, default=str)), "model": model_identity(model)}
     return DominanceResult(run_clips(clips, one, out, rank=rank, world_size=world_size, progress=progress,

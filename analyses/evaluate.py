@@ -31,10 +31,13 @@ import numpy as np
 
 from nnsight_av.errors import InputError, NNsightAVError
 
-from .chair import ChairResult, Vocabulary, _vocabulary, chair, example_vocabulary
-from .datasets import MAX_PROMPT_CHARS, DatasetCheck, InvalidRecord, _parse, _rows, check_media_file, check_rates
-from .datasets import load_media_file
-from .store import OutputLock, append_jsonl, check_settings, read_jsonl, remove_output, repair_tail, write_jsonl
+from .asd import ASDConfig, asd_generate
+from .decoding import fmd_generate, greedy_generate, vcd_generate
+from .chair import ChairResult, Vocabulary, as_vocabulary, chair, example_vocabulary
+from .datasets import (MAX_PROMPT_CHARS, DatasetCheck, InvalidRecord, check_media_file, check_rates, load_media_file,
+                       parse_record, read_rows)
+from .store import (OutputLock, append_jsonl, check_settings, model_identity, read_jsonl, remove_output, repair_tail,
+                    write_jsonl)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -145,11 +148,11 @@ def read_caption_dataset(path: str | Path, *, on_error: str = "raise") -> "list[
     records: list[Any] = []
     lines: dict[str, int] = {}
     duplicates = []
-    for line, row in _rows(path):
+    for line, row in read_rows(path):
         try:
             if isinstance(row, Exception):
                 raise row
-            record: Any = _parse(CaptionRecord.from_dict, row, path.parent, len(records))
+            record: Any = parse_record(CaptionRecord.from_dict, row, path.parent, len(records))
         except NNsightAVError as error:
             if on_error == "raise":
                 raise type(error)(f"{place} {line}: {error}") from None
@@ -182,7 +185,7 @@ def check_caption_dataset(
         for i, r in enumerate(dataset):
             try:
                 records.append(r if isinstance(r, (CaptionRecord, InvalidRecord)) else
-                               _parse(CaptionRecord.from_dict, r, None, i))
+                               parse_record(CaptionRecord.from_dict, r, None, i))
             except NNsightAVError as error:
                 clip = r.get("id") if isinstance(r, Mapping) else None
                 records.append(InvalidRecord.of(str(clip) if clip is not None else f"record {i + 1}", error, i + 1))
@@ -206,11 +209,10 @@ def write_caption_dataset(records: Sequence[CaptionRecord | Mapping[str, Any]], 
     return path
 
 
-def _method_kwargs(method: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def decoding_kwargs(method: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` of one method as its generator takes them (an ASD ``config`` dict becomes an `ASDConfig`)."""
     kwargs = dict(kwargs)
     if method == "asd" and isinstance(kwargs.get("config"), Mapping):
-        from .asd import ASDConfig
-
         kwargs["config"] = ASDConfig.from_dict(kwargs["config"])
     return kwargs
 
@@ -220,7 +222,7 @@ def run_method(model: "AVModel", inputs: "AVInputs", method: str, max_new_tokens
     functions = _generators()
     if method not in functions:
         raise InputError(f"unknown decoding method {method!r}; choose from {sorted(functions)}")
-    return functions[method](model, inputs, max_new_tokens, **_method_kwargs(method, kwargs))
+    return functions[method](model, inputs, max_new_tokens, **decoding_kwargs(method, kwargs))
 
 
 def _record(record: CaptionRecord, method: str, output: Any) -> dict[str, Any]:
@@ -281,7 +283,7 @@ class EvalResult:
         rows = [r for r in self.ok if r["method"] == method]
         if not rows:
             raise InputError(f"no captions for method {method!r}; have {self.methods}")
-        vocab = self.vocabulary if vocabulary is None else _vocabulary(vocabulary, None)
+        vocab = self.vocabulary if vocabulary is None else as_vocabulary(vocabulary, None)
         return chair([r["caption"] for r in rows], [r["objects"] for r in rows], vocab, per_mention=per_mention)
 
     def table(self, vocabulary: Any = None, per_mention: bool = False) -> "pd.DataFrame":
@@ -337,7 +339,7 @@ class EvalResult:
     @classmethod
     def load(cls, path: str | Path, vocabulary: Any = None) -> "EvalResult":
         """Read an `evaluate` output: bad lines skipped with a warning, one record per (clip, method) (the last)."""
-        vocab = example_vocabulary() if vocabulary is None else _vocabulary(vocabulary, None)
+        vocab = example_vocabulary() if vocabulary is None else as_vocabulary(vocabulary, None)
         return cls(read_jsonl(path, key=_pair), vocab, str(path))
 
     def _repr_html_(self) -> str:
@@ -378,14 +380,11 @@ def check_eval_settings(methods: Sequence[str], method_kwargs: Mapping[str, Any]
         kwargs = extra.get(method, {})
         if not isinstance(kwargs, Mapping):
             raise InputError(f"method_kwargs[{method!r}] must be a dict, got {kwargs!r}")
-        _check_arguments(method, _method_kwargs(method, kwargs))   # a bad argument fails here, not per clip
+        _check_arguments(method, decoding_kwargs(method, kwargs))   # a bad argument fails here, not per clip
     return methods
 
 
 def _generators() -> dict[str, Callable[..., Any]]:
-    from .asd import asd_generate
-    from .decoding import fmd_generate, greedy_generate, vcd_generate
-
     return {"greedy": greedy_generate, "vcd": vcd_generate, "fmd": fmd_generate, "asd": asd_generate}
 
 
@@ -437,11 +436,9 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from .runner import model_identity
-
     methods = check_eval_settings(methods, method_kwargs, max_new_tokens, limit)
     extra = dict(method_kwargs or {})
-    vocab = example_vocabulary() if vocabulary is None else _vocabulary(vocabulary, None)
+    vocab = example_vocabulary() if vocabulary is None else as_vocabulary(vocabulary, None)
     records = check_caption_dataset(dataset, model).records
     if limit is not None:
         records = records[:limit]

@@ -21,12 +21,14 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
-from nnsight_av.errors import InputError
+from nnsight_av.errors import InputError, TokenSelectionError
+from nnsight_av.spans import MODALITY_CODES
 
 from .results import JsonResult, read_json
-from .attention import (_group_counts, _row_group_ids, as_list, batch_tensors, column_attention_sums, column_sums,
+from .attention import (group_counts, row_group_ids, as_list, batch_tensors, column_attention_sums, column_sums,
                         progress_batches, run_prefill)
-from .sinks import SinkResult, _check_k, check_criterion, modality_codes, resolve_sink_dims, sink_scores
+from .plots import plot_mds_distribution, plot_mds_heatmap
+from .sinks import SinkResult, check_criterion, check_k, modality_codes, resolve_sink_dims, sink_scores
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -211,13 +213,15 @@ class MDSResult(JsonResult):
                 + self.to_frame().head(20).to_html(index=False))
 
     def plot_heatmap(self, **kwargs: Any) -> "Figure":
-        from .plots import plot_mds_heatmap
-
         return plot_mds_heatmap(self, **kwargs)
 
-    def plot_distribution(self, **kwargs: Any) -> "Figure":
-        from .plots import plot_mds_distribution
+    def plot(self, kind: str = "heatmap", **kwargs: Any) -> "Figure":
+        """``kind="heatmap"`` (`plot_mds_heatmap`) or ``"distribution"`` (`plot_mds_distribution`)."""
+        if kind not in ("heatmap", "distribution"):
+            raise InputError(f"kind must be 'heatmap' or 'distribution', got {kind!r}")
+        return plot_mds_heatmap(self, **kwargs) if kind == "heatmap" else plot_mds_distribution(self, **kwargs)
 
+    def plot_distribution(self, **kwargs: Any) -> "Figure":
         return plot_mds_distribution(self, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -276,13 +280,12 @@ def _sink_positions(sinks: Any, item: "AVInputs") -> tuple[torch.Tensor, list[st
         pos = torch.as_tensor(sinks.tolist() if isinstance(sinks, torch.Tensor) else [int(p) for p in sinks],
                               dtype=torch.long).reshape(-1)
         if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= len(item)):
-            from nnsight_av.errors import TokenSelectionError
-
             raise TokenSelectionError(f"sink positions must lie in [0, {len(item)})")
     codes = np.frombuffer(modality_codes(item).encode("ascii"), dtype=np.uint8)
     keep = np.unique(pos.numpy())
-    keep = keep[np.isin(codes[keep], [ord("V"), ord("A")])]
-    return torch.from_numpy(keep).long(), ["video" if codes[p] == ord("V") else "audio" for p in keep]
+    video, audio = ord(MODALITY_CODES["video"]), ord(MODALITY_CODES["audio"])
+    keep = keep[np.isin(codes[keep], [video, audio])]
+    return torch.from_numpy(keep).long(), ["video" if codes[p] == video else "audio" for p in keep]
 
 
 def modality_dominance(
@@ -350,7 +353,7 @@ def _stored_bytes(model: "AVModel", chunk: Sequence["AVInputs"]) -> int:
     heads = model.num_heads
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or model.hidden_size // heads)
-    elem = model._module.get_input_embeddings().weight.element_size()
+    elem = model.raw("embed").weight.element_size()
     per_token = (heads + kv_heads) * head_dim * elem + heads * 4
     return model.num_layers * len(chunk) * max(len(it) for it in chunk) * per_token
 
@@ -376,7 +379,7 @@ DEFER_MIN_TOKENS_CUDA = 16_000
 def _should_defer(model: "AVModel", chunk: Sequence["AVInputs"], defer: bool | None) -> bool:
     if defer is not None:
         return bool(defer)
-    device = model._module.get_input_embeddings().weight.device
+    device = model.raw("embed").weight.device
     if device.type == "cuda" and max(len(it) for it in chunk) < DEFER_MIN_TOKENS_CUDA:
         return False
     free = _free_bytes(device)
@@ -386,7 +389,7 @@ def _should_defer(model: "AVModel", chunk: Sequence["AVInputs"], defer: bool | N
 def _mds_from_sums(model: "AVModel", item: "AVInputs", gids: torch.Tensor, pos: torch.Tensor, labels: list[str],
                    layer_list: list[int], sums: torch.Tensor) -> "MDSResult":
     """``sums [L, 2, S]`` (summed over heads and rows) -> V and A means -> `MDSResult`."""
-    counts = _group_counts(gids, 2, pos, True)
+    counts = group_counts(gids, 2, pos, True)
     denom = (counts * model.num_heads).float()
     mean = torch.where(denom > 0, sums / denom.clamp(min=1), torch.zeros_like(sums))
     return MDSResult(pos, labels, layer_list, mean[:, 0], mean[:, 1])
@@ -430,7 +433,7 @@ def sink_analysis(
     (True, True)
     """
     items, single = as_list(inputs)
-    _check_k(k_divide, k)
+    check_k(k_divide, k)
     for item in items:
         _check_av(item)
     dims = resolve_sink_dims(model, dims, items)
@@ -439,7 +442,7 @@ def sink_analysis(
     layer_list = list(range(model.num_layers))
     out: list[SinkAnalysis] = []
     for chunk in progress_batches(items, batch_size, progress, "sink analysis"):
-        gids = [_row_group_ids(it, {"video": None, "audio": None}) for it in chunk]   # 0 video, 1 audio, -1 rest
+        gids = [row_group_ids(it, {"video": None, "audio": None}) for it in chunk]   # 0 video, 1 audio, -1 rest
         kind = _DeferredColumns if _should_defer(model, chunk, defer) else _StreamedColumns
         columns = kind(chunk, gids, backend)
         scores_found, _ = run_prefill(

@@ -16,6 +16,9 @@ from jaxtyping import Float
 
 from nnsight_av.errors import InputError, TokenSelectionError
 
+from .ablation import encoder_edit, zeroed_of
+from .attention import as_list
+
 if TYPE_CHECKING:
     from nnsight_av import AVInputs, AVModel
 
@@ -101,7 +104,7 @@ def answers(probs: Float[torch.Tensor, "... option"], options: Any) -> list[str]
 
 
 def model_device(model: "AVModel") -> torch.device:
-    for p in model._module.parameters():
+    for p in model.raw().parameters():
         return p.device
     return torch.device("cpu")
 
@@ -122,9 +125,7 @@ def last_logits_only(model: "AVModel", last: Sequence[int]) -> Iterator[None]:
     The logits of every other position are never needed here, and at a 150k vocabulary
     they cost as much as two or three decoder layers; the model returns ``[B, 1, vocab]``.
     """
-    from nnsight_av.adapters.base import get_module
-
-    head = get_module(model._module, model.adapter.paths["lm_head"])
+    head = model.raw("lm_head")
     index = torch.as_tensor(list(last), dtype=torch.long)
 
     def pre(module: torch.nn.Module, args: tuple) -> tuple:
@@ -165,9 +166,6 @@ def option_probs(
     """
     import nnsight
     from tqdm.auto import tqdm
-
-    from .ablation import encoder_edit, zeroed_of
-    from .attention import as_list
 
     items, single = as_list(inputs)
     ids = option_token_ids(model.tokenizer, options)

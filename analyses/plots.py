@@ -16,14 +16,19 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from nnsight_av.errors import InputError
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from .asd import ASDOutput
+    from .dominance import DominanceResult
     from .mds import MDSResult
     from .sinks import SinkResult
+    from .tracing import TraceResult
 
-__all__ = ["plot_sink_mask", "plot_mds_heatmap", "plot_mds_distribution", "MODALITY_COLORS", "NotebookFigure",
-           "figure", "no_data"]
+__all__ = ["plot_sink_mask", "plot_mds_heatmap", "plot_mds_distribution", "plot_trace_bars", "plot_trace_heatmap",
+           "plot_dominance", "plot_asd_steps", "MODALITY_COLORS", "NotebookFigure", "figure", "no_data", "LABEL_WIDTH"]
 
 MODALITY_COLORS = {"video": "#1f77b4", "audio": "#d62728", "image": "#9467bd", "text": "#bbbbbb"}
 
@@ -189,11 +194,7 @@ def plot_mds_distribution(results: "MDSResult | Sequence[MDSResult]", *, kind: s
     import pandas as pd
     import seaborn as sns
 
-    from nnsight_av.errors import InputError
-
-    from .mds import MDSResult
-
-    if isinstance(results, MDSResult):
+    if not isinstance(results, (list, tuple)):
         results = [results]
     frames = [r.to_frame().assign(sample=i) for i, r in enumerate(results)]
     data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["modality", "mds"])
@@ -226,4 +227,137 @@ def plot_mds_distribution(results: "MDSResult | Sequence[MDSResult]", *, kind: s
     else:
         ax.set_xlim(-1, 1)
     ax.set_title(title or default_title, fontsize=9)
+    return fig
+
+
+#: Token-set names longer than this are wrapped onto several lines in figures.
+LABEL_WIDTH = 22
+
+
+def _wrap(label: Any) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(str(label), LABEL_WIDTH)) or str(label)
+
+
+def _label_room(labels: Any, inches_per_char: float) -> float:
+    """Extra figure size (inches) for wrapped x labels rotated by 30 degrees, from the longest line."""
+    return inches_per_char * min(max((len(str(label)) for label in labels), default=0), LABEL_WIDTH)
+
+
+def effect_column(effect: str) -> str:
+    """``"ie_clean"`` / ``"ie_corrupt"`` from any accepted spelling (``"clean"``, ``"IE_clean"`` ...)."""
+    name = {"clean": "ie_clean", "corrupt": "ie_corrupt", "IE_clean": "ie_clean", "IE_corrupt": "ie_corrupt"}.get(
+        effect, effect)
+    if name not in ("ie_clean", "ie_corrupt"):
+        raise InputError(f"effect must be 'ie_clean' or 'ie_corrupt', got {effect!r}")
+    return name
+
+
+def plot_trace_bars(result: "TraceResult", effect: str = "both", scale: float = 100.0, ax: Any = None) -> "Figure":
+    """Bar chart of a `TraceResult`'s mean effect per token set (x ``scale``) over clips, error bars ± 1 s.e.m.
+
+    The axis label says what the bars and error bars are and over how many clips. Shows
+    in Jupyter as it is returned; an empty result gives a figure that says "no data".
+    """
+    names = ["ie_clean", "ie_corrupt"] if effect == "both" else [effect_column(effect)]
+    if ax is None:
+        sets = result.effects["token_set"].unique()
+        fig = figure(1.6 + 1.1 * max(len(sets), 1) + _label_room(sets, 0.05), 3.4 + _label_room(sets, 0.035))
+    else:
+        fig = ax.figure
+    if result.effects.empty:
+        return no_data(fig, "no data: no traced clips", ax=ax)
+    ax = ax if ax is not None else fig.add_subplot(1, 1, 1)
+    grouped = result.effects.groupby("token_set", sort=False)
+    mean = grouped[names].mean() * scale
+    sem = grouped[names].sem().fillna(0.0) * scale
+    clips = grouped["clip"].nunique()
+    width = 0.8 / len(names)
+    x = np.arange(len(mean))
+    for j, name in enumerate(names):
+        ax.bar(x + (j - (len(names) - 1) / 2) * width, mean[name].values, width, yerr=sem[name].values,
+               label=name.replace("ie_", "IE_"), capsize=2)
+    ax.set_xticks(x, [_wrap(name) for name in mean.index], rotation=30, ha="right")
+    ax.axhline(0, color="black", lw=0.6)
+    count = f"{clips.min()}" if clips.min() == clips.max() else f"{clips.min()}-{clips.max()}"
+    ax.set_ylabel(f"effect x{scale:g}: mean ± 1 s.e.m.\nover {count} clip{'s' if clips.max() != 1 else ''}")
+    ax.legend(frameon=False)
+    return fig
+
+def plot_trace_heatmap(result: "TraceResult", effect: str = "ie_clean", scale: float = 100.0,
+                   ax: Any = None) -> "Figure":
+    """A `TraceResult`'s layer window (rows, by first layer) x token set heatmap of the mean effect over clips (ROME-style).
+
+    Laid out so that long token-set names are not clipped, also when saved; an empty result
+    gives a figure that says "no data".
+    """
+    column = effect_column(effect)
+    table = (result.effects.groupby(["layer_start", "token_set"], sort=False)[column].mean() * scale).unstack()
+    table = table.sort_index()
+    if ax is None:
+        fig = figure(2.2 + 0.9 * max(table.shape[1], 1) + _label_room(table.columns, 0.05),
+                     1.6 + 0.22 * max(table.shape[0], 1) + _label_room(table.columns, 0.035))
+    else:
+        fig = ax.figure
+    if table.size == 0 or not np.isfinite(table.values).any():
+        return no_data(fig, "no data: no traced clips", ax=ax)
+    ax = ax if ax is not None else fig.add_subplot(1, 1, 1)
+    limit = float(np.nanmax(np.abs(table.values)))
+    image = ax.imshow(table.values, aspect="auto", cmap="RdBu_r", vmin=-limit or -1, vmax=limit or 1)
+    ax.set_xticks(range(table.shape[1]), [_wrap(name) for name in table.columns], rotation=30, ha="right")
+    ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index])
+    ax.set_ylabel("first layer of window")
+    clips = result.effects["clip"].nunique()
+    fig.colorbar(image, ax=ax, label=f"{column.replace('ie_', 'IE_')} x{scale:g}, mean over {clips} clip"
+                                     f"{'s' if clips != 1 else ''}")
+    return fig
+
+
+def plot_dominance(result: "DominanceResult", ax: Any = None) -> "Figure":
+    """Bar chart of a `DominanceResult`: clips per label (audio, video, neither, error).
+
+    >>> from analyses.dominance import DominanceResult
+    >>> fig = plot_dominance(DominanceResult([{"id": "a", "dominance": "audio"}, {"id": "b", "dominance": "audio"}]))
+    >>> [round(p.get_height()) for p in fig.axes[0].patches]
+    [2, 0, 0, 0]
+    """
+    counts = result.counts()
+    if ax is None:
+        fig = figure(3.6, 2.8)
+        ax = fig.add_subplot(1, 1, 1)
+    else:
+        fig = ax.figure
+    colors = [MODALITY_COLORS.get(name, "#bbbbbb") for name in counts]
+    ax.bar(range(len(counts)), list(counts.values()), color=colors)
+    ax.set_xticks(range(len(counts)), list(counts))
+    ax.set_ylabel("clips")
+    return fig
+
+
+def plot_asd_steps(output: "ASDOutput", tokenizer: Any = None, figsize: tuple[float, float] = (9.0, 5.0)) -> "Figure":
+    """An `ASDOutput` per step: strength s_t (and its target), weight w_t and text mass m_t; fallback steps shaded."""
+    fig = figure(*figsize)
+    if not output.token_ids:
+        return no_data(fig, "no data: no token was generated", f"ASD: {output.text[:70]!r}")
+    steps = np.arange(1, len(output.token_ids) + 1)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.plot(steps, output.s, marker="o", label="s_t (applied)")
+    top.plot(steps, output.steps.get("target", []), ls="--", label="target")
+    top.set_ylabel("strength")
+    top.legend(loc="upper right")
+    bottom.plot(steps, output.w, marker=".", label="w_t = C / (C + U)")
+    bottom.plot(steps, output.m, marker=".", label="m_t (text mass)")
+    bottom.set_ylim(-0.02, 1.02)
+    bottom.set_xlabel("generated token")
+    bottom.legend(loc="upper right")
+    for ax in (top, bottom):
+        for step, flag in zip(steps, output.fallback):
+            if flag:
+                ax.axvspan(step - 0.5, step + 0.5, color="0.85", zorder=0)
+    if tokenizer is not None and len(steps) <= 40:
+        bottom.set_xticks(steps)
+        # repr keeps control characters of odd tokens printable
+        bottom.set_xticklabels([repr(tokenizer.decode([t]))[1:-1] for t in output.token_ids], rotation=90)
+    top.set_title(f"ASD: {output.text[:70]!r}")
     return fig

@@ -27,9 +27,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from nnsight_av.errors import AdapterError, InputError
+from nnsight_av.spans import MODALITY_CODES
 
 from .results import JsonResult, read_json
 from .attention import as_list, progress_batches, run_prefill
+from .plots import plot_sink_mask
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,8 +45,7 @@ __all__ = ["phi", "sink_scores", "sink_mask", "SINK_CRITERIA", "first_token_phi"
 RMS_EPS = 1e-6
 #: How a token's score at a layer becomes "sink or not" (see the module docstring).
 SINK_CRITERIA = ("phi", "magnitude")
-_MODALITY_CODE = {"video": "V", "audio": "A", "image": "I", "text": "."}
-_CODE_MODALITY = {v: k for k, v in _MODALITY_CODE.items()}
+_CODE_MODALITY = {v: k for k, v in MODALITY_CODES.items()}
 
 
 def phi(h: Float[torch.Tensor, "... hidden"]) -> Float[torch.Tensor, "... hidden"]:
@@ -300,7 +301,7 @@ class SinkResult(JsonResult):
 
     def _kept(self, which: set[str]) -> torch.Tensor:
         ranked = self.ranked
-        wanted = np.array([ord(_MODALITY_CODE[m]) for m in which], dtype=np.uint8)
+        wanted = np.array([ord(MODALITY_CODES[m]) for m in which], dtype=np.uint8)
         keep = ranked.numpy()[np.isin(self.codes[ranked.numpy()], wanted)]
         return torch.from_numpy(np.sort(keep)).long()
 
@@ -345,28 +346,33 @@ class SinkResult(JsonResult):
             "kept": [labels[p] != "text" for p in ranked],
         })
 
-    def summary(self) -> dict[str, Any]:
+    def facts(self) -> dict[str, Any]:
+        """The headline numbers as a dict (what `summary` holds as one row)."""
         return {"length": self.length, "layers": len(self.layers), "dims": self.dims, "tau": self.tau,
                 "criterion": self.criterion,
                 "K": self.K, "sink_positions_any_layer": int((self.counts > 0).sum()),
                 "kept": int(self.positions.numel()), "video": int(self.video.numel()),
                 "audio": int(self.audio.numel()), "dropped_text": int(self.dropped_text.numel())}
 
+    def summary(self) -> "pd.DataFrame":
+        """One row: length, layers, dims, tau, K and how many sinks of each modality were kept."""
+        import pandas as pd
+
+        return pd.DataFrame([self.facts()])
+
     def __repr__(self) -> str:
-        s = self.summary()
+        s = self.facts()
         dims = s["dims"] if len(s["dims"]) <= 6 else f"[{len(s['dims'])} channels]"
         return (f"SinkResult(T={s['length']}, layers={s['layers']}, dims={dims}, tau={s['tau']:g}, K={s['K']}, "
                 f"video={s['video']}, audio={s['audio']}, dropped_text={s['dropped_text']})")
 
     def _repr_html_(self) -> str:
-        rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in self.summary().items())
+        rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in self.facts().items())
         head = self.to_frame().head(20).to_html(index=False)
         return f"<b>SinkResult</b><table>{rows}</table>{head}"
 
     def plot(self, **kwargs: Any) -> "Figure":
         """Sink mask heatmap (layer x token) with modality bands; see `analyses.plots.plot_sink_mask`."""
-        from .plots import plot_sink_mask
-
         return plot_sink_mask(self, **kwargs)
 
     # -- persistence -------------------------------------------------------------
@@ -389,11 +395,12 @@ def modality_codes(item: "AVInputs") -> str:
     """One character per position: V video, A audio, I image, . text (as ``AVInputs.layout()``)."""
     codes = np.full(len(item), ord("."), dtype=np.uint8)
     for name in ("video", "audio", "image"):
-        codes[item.spans.get(name).numpy()] = ord(_MODALITY_CODE[name])
+        codes[item.spans.get(name).numpy()] = ord(MODALITY_CODES[name])
     return codes.tobytes().decode("ascii")
 
 
-def _check_k(k_divide: float, k: int | None) -> None:
+def check_k(k_divide: float, k: int | None) -> None:
+    """An `InputError` unless ``k_divide`` (N) is positive and ``k`` is None or >= 0."""
     if not k_divide > 0:
         raise InputError(f"k_divide (N in K = int(T / N)) must be positive, got {k_divide}")
     if k is not None and k < 0:
@@ -429,7 +436,7 @@ def find_sinks(
     ([], True)
     """
     items, single = as_list(inputs)
-    _check_k(k_divide, k)
+    check_k(k_divide, k)
     dims = resolve_sink_dims(model, dims, items)
     tau = float(model.adapter.tau() if tau is None else tau)
     criterion = check_criterion(model.adapter.sink_criterion() if criterion is None else criterion)

@@ -20,18 +20,22 @@ this module, so they share one set of rules:
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 from nnsight_av.errors import InputError, NNsightAVError
 
+if TYPE_CHECKING:
+    from nnsight_av import AVModel
+
 __all__ = ["read_jsonl", "JsonlRead", "append_jsonl", "write_jsonl", "repair_tail", "OutputLock", "OutputLockedError",
            "SettingsMismatchError", "settings_path", "check_settings", "settings_diff", "remove_output",
-           "require_finite", "replace_text"]
+           "require_finite", "replace_text", "model_identity"]
 
 
 class OutputLockedError(NNsightAVError, RuntimeError):
@@ -347,6 +351,12 @@ def check_settings(
         replace_text(path, json.dumps(store, indent=1, sort_keys=True))
 
 
+def model_identity(model: "AVModel") -> dict[str, Any]:
+    """What names a model in a result file's settings: checkpoint, adapter and sizes."""
+    return {"checkpoint": str(model.checkpoint), "adapter": model.adapter.name, "layers": int(model.num_layers),
+            "hidden_size": int(model.hidden_size)}
+
+
 def require_finite(name: str, value: Any, low: float | None = None, high: float | None = None,
                    integer: bool = False) -> float:
     """``value`` as a number, checked finite (and in ``[low, high]``); `InputError` naming ``name`` otherwise.
@@ -354,8 +364,6 @@ def require_finite(name: str, value: Any, low: float | None = None, high: float 
     >>> require_finite("fps", "2", low=0.1)
     2.0
     """
-    import math
-
     if isinstance(value, bool):
         raise InputError(f"{name} must be a number, got {value!r}")
     try:

@@ -12,7 +12,10 @@ set of T/6 media positions (seeded), layers 6..L-1, alpha 0.2; both modes.
 - ``eager_way_<mode>``: what the authors' code does: eager attention returning every attention
   map (``output_attentions=True``), boosting the logits / probabilities inside the eager
   attention function (registered with transformers, so no nnsight overhead is counted);
-- ``hf_sdpa``: a plain HF forward, for reference.
+- ``hf_sdpa``: a plain HF forward, for reference;
+- ``boost_hooks_<mode>``: the same intervention on the hook runtime (``ivs.run(..., runtime="hooks")``:
+  PyTorch hooks and the routed attention function, no trace); ``time_hooks_vs_hf`` is its cost
+  over the plain HF forward, ``max_abs_logit_diff_hooks_vs_trace`` checks both runtimes agree.
 
 Goals (issue 3): boost_sdpa / plain_trace <= 1.15 in time, peak memory within 10%.
 ``max_abs_logit_diff`` checks that the SDPA boost and the eager way compute the same thing
@@ -135,7 +138,12 @@ def main() -> None:
                     config._attn_implementation = "sdpa"
                     SPEC.clear()
 
+            def hooked(iv=iv) -> torch.Tensor:
+                with torch.no_grad():
+                    return ivs.run(model, ex, iv, runtime="hooks")
+
             calls[f"boost_sdpa_{mode}"], calls[f"eager_way_{mode}"] = boosted, eager_way
+            calls[f"boost_hooks_{mode}"] = hooked
         timings = interleaved(calls, repeat=args.repeat)
         run.update(timings)
         for mode in ("pre_softmax", "multiplicative"):
@@ -148,6 +156,9 @@ def main() -> None:
                 "mem_eager_vs_boost": _ratio(eager["peak_extra_gib"], ours["peak_extra_gib"]),
                 "max_abs_logit_diff": float((ours_logits - eager_logits).abs().max()),
                 "boost_effect": float((ours_logits - plain_logits).abs().max()),
+                "time_hooks_vs_hf": timings[f"boost_hooks_{mode}"]["ms"] / run["hf_sdpa"]["ms"],
+                "max_abs_logit_diff_hooks_vs_trace": float(
+                    (calls[f"boost_hooks_{mode}"]().float() - ours_logits).abs().max()),
             }
         results["runs"].append(run)
     report(results, args.out)

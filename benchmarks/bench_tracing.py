@@ -290,7 +290,7 @@ def main() -> None:
                 fn()
                 peak[name] = (torch.cuda.max_memory_allocated() - base) / 2**30
         # where our per-clip time goes (same steps as analyze_clip, timed one by one)
-        from analyses.runner import _sinks
+        from analyses.runner import pipeline_sinks
         from analyses.tracing import PatchRunner, Condition
 
         runner = PatchRunner(model, "input_layernorm", OPTIONS)
@@ -298,10 +298,10 @@ def main() -> None:
         parts = {}
         parts["prepare_and_ablate"], _ = timed(lambda: (record.prepare(model), ablate(ex, "audio", model),
                                                         ablate(ex, "video", model)))
-        parts["sinks_mds"], _ = timed(lambda: _sinks(model, ex, config))
+        parts["sinks_mds"], _ = timed(lambda: pipeline_sinks(model, ex, config))
         parts["clean_run_alone"], clean_rec = timed(lambda: runner.record_clean(ex, media, range(model.num_layers)))
         parts["sinks_mds_with_clean_run"], _ = timed(lambda: runner.record_clean_during(
-            lambda: _sinks(model, ex, config), ex, media, range(model.num_layers)))
+            lambda: pipeline_sinks(model, ex, config), ex, media, range(model.num_layers)))
         parts["corrupt_runs_x2"], rec = timed(lambda: (runner.record_corrupt(no_video, [0]),
                                                       runner.record_corrupt(no_audio, [0]))[1])
         conds = [Condition(k, v, tuple(range(model.num_layers))) for k, v in sets.items()]

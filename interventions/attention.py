@@ -1,238 +1,28 @@
 """Attention primitives: `AttentionKnockout` and `AttentionBoost`, for any attention backend.
 
-How they work without attention maps: at each chosen layer, the attention function's
-call (``model.adapter.attention_call``) is left to run as usual (SDPA / flash / eager).
-Its inputs give the query, key and value after rotary embedding and the mask. For the
-*affected query rows* only, attention is recomputed with SDPA and an additive float
-mask ``[1, heads, rows, keys]``: the causal/padding mask plus a bias on the selected
-(query, key) pairs, and those rows of the call's output are replaced. Other rows keep
-the backend's result, so the big kernel never changes and nothing of size
-``[heads, T, T]`` is built (rows are processed in chunks).
-
-Biases (``a`` is the logit ``q . k * scale`` of a selected pair):
-
-- knockout: ``-inf`` (the pair gets no attention; a row left with no key outputs 0);
-- ``AttentionBoost(mode="multiplicative")``: ``log(1 + alpha)``, which is exactly
-  "multiply the probabilities of the selected keys by ``1 + alpha`` and renormalise the row";
-- ``AttentionBoost(mode="pre_softmax")``: ``alpha * |a|``, i.e. ``a <- a + alpha * |a|``
-  before the softmax (METHOD.md section 6), with ``a`` computed for the selected block
-  ``[rows x keys]`` only.
-
-With a KV cache (generation) the query rows are the new tokens (positions offset by
-the cache length) and the keys include the cache. GQA: query head ``h`` reads key/value
-head ``h // (num_heads // num_kv_heads)``. With eager attention and
-``output_attentions=True`` the returned weights of the affected rows are updated too.
+How they work without attention maps (and their exact biases): see
+`interventions.attention_edits`, whose `apply_attention_edits` both runtimes call.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
-import torch.nn.functional as F
-from jaxtyping import Float
 
 from nnsight_av.errors import InputError
 
+from .attention_edits import AttentionEdit, apply_attention_edits
 from .base import Intervention, register_intervention
 from .context import ApplyContext
 from .engine import Op
 from .params import real
 from .selectors import normalize_selector, selector_to_json
 
+if TYPE_CHECKING:
+    from nnsight_av.model import AVModel
+
 __all__ = ["AttentionKnockout", "AttentionBoost", "AttentionEdit", "apply_attention_edits"]
-
-#: Elements of the per-chunk float mask (``heads x rows x keys``); bounds the extra memory.
-CHUNK_ELEMENTS = 1 << 22
-
-
-@dataclass
-class AttentionEdit:
-    """One bias on (query row, key column) pairs of one attention call.
-
-    ``rows``: query rows of this forward; ``keys``: key columns (cache included); ``heads``:
-    query heads (``None``: all). CPU LongTensors. ``kind``: ``"knockout"``,
-    ``"multiplicative"`` or ``"pre_softmax"``.
-    """
-
-    kind: str
-    rows: torch.Tensor
-    keys: torch.Tensor
-    heads: torch.Tensor | None = None
-    alpha: float = 0.0
-
-
-def _base_mask(mask: torch.Tensor | None, rows: torch.Tensor, past: int, kv_len: int, heads: torch.Tensor,
-               ) -> torch.Tensor:
-    """The call's own mask for ``rows`` as an additive float32 mask ``[B|1, 1|h, rows, kv_len]``."""
-    device = rows.device
-    if mask is None or mask.dim() == 2:
-        causal = torch.arange(kv_len, device=device)[None, :] <= (rows + past)[:, None]
-        allowed = causal[None, None]
-        if mask is not None:  # [B, kv] padding mask (flash-attention style)
-            allowed = allowed & mask[:, None, None, :kv_len].to(device=device, dtype=torch.bool)
-        return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
-    picked = mask[..., :kv_len]
-    if picked.shape[1] > 1:
-        picked = picked.index_select(1, heads)
-    if picked.shape[2] > 1:
-        picked = picked.index_select(2, rows)
-    if picked.dtype == torch.bool:
-        return torch.zeros(picked.shape, device=device).masked_fill(~picked, float("-inf"))
-    return picked.float()
-
-
-def _plan(edits: list[AttentionEdit], num_heads: int, move: Callable[..., torch.Tensor]) -> tuple:
-    """Union of rows and heads, and per edit which (head, row) pairs and keys it covers, on the device.
-
-    ``all_heads``: every edit covers every head, so masks need no head dimension and the
-    recomputation keeps the call's own key/value heads (grouped-query attention untouched).
-    """
-    rows_all = torch.unique(torch.cat([e.rows for e in edits]))
-    all_heads = all(e.heads is None for e in edits)
-    heads_all = torch.arange(num_heads) if any(e.heads is None for e in edits) else \
-        torch.unique(torch.cat([e.heads for e in edits]))
-    covers = []
-    for e in edits:
-        head_in = torch.ones(len(heads_all), dtype=torch.bool) if e.heads is None else torch.isin(heads_all, e.heads)
-        row_in = torch.isin(rows_all, e.rows)
-        covers.append((move(head_in), move(row_in), move(e.keys), bool(row_in.all())))
-    return heads_all, rows_all, move(heads_all), move(rows_all), covers, all_heads
-
-
-def _pairs(cover: tuple, start: int, stop: int, all_heads: bool) -> torch.Tensor | None:
-    """``[1, heads|1, rows, 1]`` mask of the (head, row) pairs one edit covers in a chunk; None: all."""
-    head_in, row_in, _, every_row = cover
-    if all_heads and every_row:
-        return None
-    rows = row_in[start:stop][None, :]
-    pair = rows if all_heads else head_in[:, None] & rows
-    return pair[None, :, :, None]
-
-
-def _static_mask(mask: torch.Tensor | None, edits: list[AttentionEdit], plan: tuple, start: int, stop: int,
-                 past: int, kv_len: int, batch: int) -> torch.Tensor:
-    """The call's mask plus every layer-independent bias (knockout, multiplicative) for one row chunk.
-
-    float32 ``[B|1, heads|1, rows, kv_len]``; the same at every layer of one forward.
-    """
-    _, _, heads_dev, rows_dev, covers, all_heads = plan
-    rows = rows_dev[start:stop]
-    full = _base_mask(mask, rows, past, kv_len, heads_dev)
-    static = [(e, c) for e, c in zip(edits, covers) if e.kind in ("knockout", "multiplicative")]
-    if not static:
-        return full
-    heads = 1 if all_heads else len(heads_dev)
-    full = full.expand(max(batch, full.shape[0]), max(heads, full.shape[1]), -1, -1).clone()
-    for e, cover in static:
-        amount = float("-inf") if e.kind == "knockout" else math.log1p(e.alpha)
-        pair = _pairs(cover, start, stop, all_heads)
-        if pair is None:
-            vals = torch.full((1, 1, 1, 1), amount, device=full.device)
-        else:
-            vals = torch.zeros(pair.shape, device=full.device).masked_fill(pair, amount)
-        keys = cover[2]
-        full.index_add_(3, keys, vals.expand(full.shape[0], full.shape[1], full.shape[2], len(keys)).contiguous())
-    return full
-
-
-def apply_attention_edits(
-    query: Float[torch.Tensor, "b h q d"],
-    key: Float[torch.Tensor, "b kv k d"],
-    value: Float[torch.Tensor, "b kv k d"],
-    mask: torch.Tensor | None,
-    scaling: float | None,
-    out: Float[torch.Tensor, "b q h d"],
-    weights: Float[torch.Tensor, "b h q k"] | None,
-    edits: list[AttentionEdit],
-    num_key_value_groups: int = 1,
-    to_device: Callable[..., torch.Tensor] | None = None,
-    memo: dict | None = None,
-    chunk_elements: int = CHUNK_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Recompute the rows of ``out`` (the call's output, ``[B, q, H, d]``) that ``edits`` touch.
-
-    Edits ``out`` (and ``weights``, when the backend returned them) in place and returns them.
-    With ``memo`` (one dict per forward, as `ApplyContext` keeps), the selection is moved to
-    the device once and the layer-independent part of the mask is built once per forward:
-    per layer only the recomputed rows' attention (and, for ``pre_softmax``, the logits of
-    the selected block) is computed, so the cost stays a few kernels per layer.
-    """
-    edits = [e for e in edits if len(e.rows) and len(e.keys)]
-    if not edits:
-        return out, weights
-    device = query.device
-    move = (lambda t: to_device(t, device)) if to_device is not None else (lambda t: t.to(device))
-    batch, num_heads, q_len, head_dim = query.shape
-    kv_len = key.shape[2]
-    past = kv_len - q_len
-    scale = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
-    groups = num_key_value_groups
-
-    memo = {} if memo is None else memo
-    memo_key = ("attention-plan", num_heads, tuple((e.kind, id(e.rows), id(e.keys), id(e.heads)) for e in edits))
-    if memo_key not in memo:
-        memo[memo_key] = (_plan(edits, num_heads, move), edits)  # edits kept alive so the ids in the key stay theirs
-    plan = memo[memo_key][0]
-    heads_all, rows_all, heads_dev, rows_dev, covers, all_heads = plan
-    if all_heads:      # every head: the call's own (grouped) key/value heads
-        q_h, k_h, v_h = query, key, value
-    else:
-        kv_heads = heads_dev // groups
-        q_h = query.index_select(1, heads_dev)
-        k_h, v_h = key.index_select(1, kv_heads), value.index_select(1, kv_heads)
-    gqa = all_heads and groups > 1
-    dynamic = [(e, c) for e, c in zip(edits, covers) if e.kind == "pre_softmax"]
-    for e in edits:
-        if e.kind not in ("knockout", "multiplicative", "pre_softmax"):
-            raise InputError(f"unknown attention edit {e.kind!r}")
-    knockout = any(e.kind == "knockout" for e in edits)
-    chunk = max(1, chunk_elements // (len(heads_all) * kv_len))
-    # Masks of a forward are the same at every layer as long as the call's mask is (one object in HF).
-    static_key = ("attention-static", memo_key, id(mask), past, kv_len, batch)
-    statics = memo.get(static_key, (None, {}))[1]
-    if static_key not in memo:
-        memo[static_key] = (mask, statics)                 # the mask kept alive so its id stays its own
-    for start in range(0, len(rows_all), chunk):
-        stop = min(start + chunk, len(rows_all))
-        rows = rows_dev[start:stop]
-        if start not in statics:
-            statics[start] = _static_mask(mask, edits, plan, start, stop, past, kv_len, batch).to(query.dtype)
-        full = statics[start]
-        q_r = q_h.index_select(2, rows)
-        if dynamic:
-            # Few kernels per layer (this runs at every boosted layer): the bias a -> alpha |a| is
-            # added in the attention dtype, as the mask is cast to it for the kernel anyway.
-            heads = num_heads if all_heads else len(heads_all)
-            full = full.expand(batch, heads, -1, -1).clone()
-            for e, cover in dynamic:
-                keys = cover[2]
-                k_sel = k_h.index_select(2, keys)
-                if gqa:  # query heads h*G .. h*G+G-1 read key head h: one matmul per key head
-                    q_g = q_r.reshape(batch, num_heads // groups, groups * len(rows), head_dim)
-                    logits = (q_g @ k_sel.transpose(-1, -2)).view(batch, num_heads, len(rows), len(keys))
-                else:
-                    logits = q_r @ k_sel.transpose(-1, -2)
-                logits = logits.abs_()
-                pair = _pairs(cover, start, stop, all_heads)
-                if pair is not None:
-                    logits = logits.masked_fill_(~pair, 0.0)
-                full.index_add_(3, keys, logits.to(full.dtype), alpha=e.alpha * scale)
-        new = F.scaled_dot_product_attention(q_r, k_h, v_h, attn_mask=full, scale=scale, enable_gqa=gqa)
-        if knockout:
-            new = torch.nan_to_num(new, nan=0.0)  # a row whose every key is blocked attends to nothing
-        if all_heads:
-            out.index_copy_(1, rows, new.transpose(1, 2).to(out.dtype))
-        else:
-            out[:, rows[:, None], heads_dev[None, :]] = new.transpose(1, 2).to(out.dtype)
-        if weights is not None:
-            k_full = k_h.repeat_interleave(groups, dim=1) if gqa else k_h
-            logits = torch.matmul(q_r.float(), k_full.float().transpose(-1, -2)) * scale + full.float()
-            probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
-            weights[:, heads_dev[:, None], rows[None, :]] = probs.to(weights.dtype)
-    return out, weights
 
 
 class _AttentionIntervention(Intervention):
@@ -257,7 +47,7 @@ class _AttentionIntervention(Intervention):
     def keys(self) -> Any:
         return self.site.tokens
 
-    def compile(self, model: Any, ctx: ApplyContext) -> list[Op]:
+    def compile(self, model: "AVModel", ctx: ApplyContext) -> list[Op]:
         heads = self._heads(model)
         return [Op(layer, "attn_call", self._op(heads), label=type(self).__name__)
                 for layer in self.site.layer_indices(model)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 
@@ -15,7 +15,10 @@ from .context import ApplyContext
 from .engine import Op, execute
 from .params import flag
 from .selectors import normalize_selector
-from .site import Site, as_site
+from .site import Site, as_site, layers_from_json
+
+if TYPE_CHECKING:
+    from nnsight_av.model import AVModel
 
 __all__ = ["Intervention", "Compose", "from_dict", "from_json", "register_intervention", "registered_interventions"]
 
@@ -36,7 +39,8 @@ def _sets_to_json(sets: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
     return {name: [int(p) for p in positions.tolist()] for name, positions in sets.items()}
 
 
-def _normalize_sets(sets: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+def normalize_sets(sets: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    """Named position sets as CPU LongTensors (`InputError` on anything that is not positions)."""
     out: dict[str, torch.Tensor] = {}
     if sets is not None and not isinstance(sets, Mapping):
         raise InputError(f"sets must map names to token positions, got {type(sets).__name__}")
@@ -78,11 +82,11 @@ class Intervention:
         if self.site.role == "attn_logits" and not getattr(self, "attention", False):
             raise InputError(f"{type(self).__name__} edits activations; the 'attn_logits' site is for "
                              f"AttentionKnockout / AttentionBoost")
-        self.sets = _normalize_sets(sets)
+        self.sets = normalize_sets(sets)
         self.allow_empty = flag(allow_empty, "allow_empty")
 
     # -- compilation (subclasses) ----------------------------------------------------------
-    def compile(self, model: Any, ctx: ApplyContext) -> list[Op]:
+    def compile(self, model: "AVModel", ctx: ApplyContext) -> list[Op]:
         """The ops this intervention performs in the invoke described by ``ctx``."""
         raise NotImplementedError
 
@@ -91,7 +95,7 @@ class Intervention:
         return [self.site]
 
     # -- use ---------------------------------------------------------------------------------
-    def apply(self, model: Any, inputs: AVInputs | None = None, *, sets: Mapping[str, Any] | None = None) -> None:
+    def apply(self, model: "AVModel", inputs: AVInputs | None = None, *, sets: Mapping[str, Any] | None = None) -> None:
         """Apply inside the current invoke (or trace with one input).
 
         ``inputs``: the invoke's `AVInputs`; found from the running invoke when omitted.
@@ -100,7 +104,7 @@ class Intervention:
         touches: nnsight serves modules in execution order. In ``model.generate``, call it
         inside ``for step in tracer.iter[...]:`` to act at those steps.
         """
-        ctx = ApplyContext(model, inputs, _normalize_sets(sets))
+        ctx = ApplyContext(model, inputs, normalize_sets(sets))
         execute(model, self.compile(model, ctx), ctx)
 
     def __add__(self, other: "Intervention") -> "Compose":
@@ -113,7 +117,7 @@ class Intervention:
         selector = self.site.tokens if selector == "__site__" else selector
         return ctx.positions(selector, self.sets, self.allow_empty)
 
-    def _heads(self, model: Any) -> torch.Tensor | None:
+    def _heads(self, model: "AVModel") -> torch.Tensor | None:
         heads = self.site.head_indices(model)
         return None if heads is None else torch.tensor(heads, dtype=torch.long)
 
@@ -137,8 +141,6 @@ class Intervention:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], sources: Mapping[str, Any] | None = None) -> "Intervention":
-        from .site import layers_from_json
-
         params = dict(params)
         if "layers" in params:
             params["layers"] = layers_from_json(params["layers"])
@@ -177,7 +179,7 @@ class Compose(Intervention):
                 raise InputError(f"Compose takes interventions, got {type(child).__name__}")
         self.children = flat
 
-    def compile(self, model: Any, ctx: ApplyContext) -> list[Op]:
+    def compile(self, model: "AVModel", ctx: ApplyContext) -> list[Op]:
         return [op for child in self.children for op in child.compile(model, ctx)]
 
     def sites(self) -> list[Site]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import nnsight
 import torch
@@ -19,9 +19,13 @@ import torch
 from nnsight_av.errors import FormatError, InputError
 from nnsight_av.inputs import AVInputs
 
+from .base import Intervention
 from .context import MODALITIES, ApplyContext
 from .engine import Op, execute
 from .site import Site, as_site
+
+if TYPE_CHECKING:
+    from nnsight_av.model import AVModel
 
 __all__ = ["ActivationCache", "cache_activations", "compute_means", "modality_stds", "layout_signature"]
 
@@ -162,8 +166,6 @@ def _checked_meta(meta: Any, acts: dict[str, torch.Tensor], path: str) -> tuple:
 
 
 def _sites_of(sites: Any, layers: Any) -> list[Site]:
-    from .base import Intervention
-
     if isinstance(sites, Intervention):
         out = sites.sites()
     elif isinstance(sites, (str, Site)):
@@ -177,7 +179,7 @@ def _sites_of(sites: Any, layers: Any) -> list[Site]:
     return out
 
 
-def _record_ops(model: Any, sites: list[Site], store: dict[str, torch.Tensor], device: Any) -> list[Op]:
+def _record_ops(model: "AVModel", sites: list[Site], store: dict[str, torch.Tensor], device: Any) -> list[Op]:
     ops, seen = [], set()
     for site in sites:
         for layer in site.layer_indices(model):
@@ -194,7 +196,7 @@ def _record_ops(model: Any, sites: list[Site], store: dict[str, torch.Tensor], d
     return ops
 
 
-def record_in_invoke(model: Any, sites: Any, inputs: AVInputs | None = None, layers: Any = None,
+def record_in_invoke(model: "AVModel", sites: Any, inputs: AVInputs | None = None, layers: Any = None,
                      device: Any = "cpu") -> dict[str, torch.Tensor]:
     """Inside an invoke: record ``sites`` into a dict (filled as the forward runs)."""
     store: dict[str, torch.Tensor] = {}
@@ -203,7 +205,7 @@ def record_in_invoke(model: Any, sites: Any, inputs: AVInputs | None = None, lay
     return store
 
 
-def cache_activations(model: Any, inputs: AVInputs, sites: Any = "resid_post", layers: Any = None,
+def cache_activations(model: "AVModel", inputs: AVInputs, sites: Any = "resid_post", layers: Any = None,
                       device: Any = "cpu", name: str | None = None, **trace_kwargs: Any) -> ActivationCache:
     """Run ``inputs`` once and keep the activations at ``sites`` (a role, `Site`, list, or an intervention's sites).
 
@@ -217,7 +219,7 @@ def cache_activations(model: Any, inputs: AVInputs, sites: Any = "resid_post", l
     return ActivationCache(dict(store), layout_signature(inputs), name=name)
 
 
-def compute_means(model: Any, inputs: Sequence[AVInputs], sites: Any = "resid_post", layers: Any = None,
+def compute_means(model: "AVModel", inputs: Sequence[AVInputs], sites: Any = "resid_post", layers: Any = None,
                   by: str = "position", name: str | None = None, progress: bool = True,
                   path: str | None = None) -> ActivationCache:
     """Mean activations at ``sites`` over ``inputs``, for `MeanPatch`.
@@ -275,7 +277,7 @@ def compute_means(model: Any, inputs: Sequence[AVInputs], sites: Any = "resid_po
     return result
 
 
-def modality_stds(model: Any, inputs: Sequence[AVInputs] | AVInputs, site: Any = "resid_pre", layer: int = 0,
+def modality_stds(model: "AVModel", inputs: Sequence[AVInputs] | AVInputs, site: Any = "resid_pre", layer: int = 0,
                   progress: bool = False) -> dict[str, float]:
     """Per modality, the std of activations at ``site`` / ``layer`` pooled over ``inputs``.
 

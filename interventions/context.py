@@ -10,16 +10,20 @@ cache hold only the new tokens.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from nnsight_av.errors import InputError
 from nnsight_av.inputs import AVInputs
+from nnsight_av.spans import MODALITIES
 
 from .selectors import normalize_selector, resolve_tokens
 
-__all__ = ["ApplyContext", "current_invoke"]
+if TYPE_CHECKING:
+    from nnsight_av.model import AVModel
+
+__all__ = ["ApplyContext", "current_invoke", "MODALITIES"]
 
 
 def _mediator() -> Any:
@@ -31,7 +35,7 @@ def _mediator() -> Any:
     return ref() if ref is not None else None
 
 
-def current_invoke(model: Any) -> tuple[int | None, list[Any]]:
+def current_invoke(model: "AVModel") -> tuple[int | None, list[Any]]:
     """``(index, inputs_of_every_invoke)`` of the invoke whose code is running now.
 
     ``index`` is ``None`` outside a trace, or when nnsight's internals do not tell.
@@ -70,9 +74,12 @@ def visit_stamp(location: str) -> tuple[int, int] | None:
 class ApplyContext:
     """State of one ``apply`` call in one invoke (see module docstring)."""
 
-    def __init__(self, model: Any, inputs: AVInputs | None = None, sets: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, model: "AVModel", inputs: AVInputs | None = None, sets: Mapping[str, Any] | None = None, *,
+                 invoke: tuple[int | None, list[Any]] | None = None, offset: int | None = None) -> None:
+        """``invoke``: ``(index, inputs_of_every_row)`` when not running inside an nnsight invoke (the
+        hook runtime); ``offset``: the input's padding shift (default: from the model's last batch)."""
         self.model = model
-        index, all_inputs = current_invoke(model)
+        index, all_inputs = current_invoke(model) if invoke is None else invoke
         if inputs is None:
             if index is None or index >= len(all_inputs) or not isinstance(all_inputs[index], AVInputs):
                 raise InputError("apply() could not find this invoke's AVInputs: pass them, iv.apply(model, ex)")
@@ -89,7 +96,11 @@ class ApplyContext:
         self.index = index
         self.all_inputs = all_inputs
         offsets = model.padding_offsets
-        self.offset = offsets[index] if index is not None and index < len(offsets) and len(offsets) == len(all_inputs) else 0
+        if offset is not None:
+            self.offset = int(offset)
+        else:
+            self.offset = offsets[index] if index is not None and index < len(offsets) and \
+                len(offsets) == len(all_inputs) else 0
         self.sets = dict(sets or {})
         self.layer: int | None = None
         self.past = 0          # tokens in the KV cache before this forward (padded coordinates)
@@ -168,8 +179,6 @@ class ApplyContext:
         ids[inside] = self._modality_table[positions[inside]]
         return ids
 
-
-MODALITIES = ("audio", "video", "image", "text")
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

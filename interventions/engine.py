@@ -14,14 +14,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import groupby
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from nnsight_av.errors import InputError
+
+from .attention_edits import apply_attention_edits
 from .context import ApplyContext, visit_stamp
 from .site import POINT_ORDER
 
-__all__ = ["Op", "execute"]
+if TYPE_CHECKING:
+    from nnsight_av.model import AVModel
+
+__all__ = ["Op", "execute", "run_ops", "past_length", "first_tensor", "with_first"]
 
 
 @dataclass
@@ -40,7 +46,8 @@ class Op:
     label: str = field(default="")
 
 
-def _past_length(kwargs: dict[str, Any], layer: int) -> int:
+def past_length(kwargs: dict[str, Any], layer: int) -> int:
+    """Tokens in the KV cache a decoder layer called with ``kwargs`` sees before this forward's rows."""
     cache = kwargs.get("past_key_values")
     if cache is None:
         return 0
@@ -50,11 +57,13 @@ def _past_length(kwargs: dict[str, Any], layer: int) -> int:
         return int(cache.get_seq_length())
 
 
-def _first(value: Any) -> torch.Tensor:
+def first_tensor(value: Any) -> torch.Tensor:
+    """A module output's main tensor (the first of a tuple/list)."""
     return value[0] if isinstance(value, (tuple, list)) else value
 
 
-def _with_first(value: Any, first: torch.Tensor) -> Any:
+def with_first(value: Any, first: torch.Tensor) -> Any:
+    """``value`` with its main tensor replaced by ``first`` (same container type)."""
     if isinstance(value, tuple):
         return (first, *value[1:])
     if isinstance(value, list):
@@ -62,17 +71,16 @@ def _with_first(value: Any, first: torch.Tensor) -> Any:
     return first
 
 
-def _run_ops(ops: list[Op], tensor: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
+def run_ops(ops: list[Op], tensor: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
+    """A copy of ``tensor`` edited by each of ``ops`` in turn."""
     edited = tensor.clone()
     for op in ops:
         op.fn(edited, ctx)
     return edited
 
 
-def execute(model: Any, ops: list[Op], ctx: ApplyContext) -> None:
+def execute(model: "AVModel", ops: list[Op], ctx: ApplyContext) -> None:
     """Run ``ops`` in this invoke (must be called from inside the invoke's code)."""
-    from .attention import apply_attention_edits
-
     ordered = sorted(enumerate(ops), key=lambda item: (item[1].layer, POINT_ORDER[item[1].point], item[0]))
     for layer, layer_items in groupby((op for _, op in ordered), key=lambda op: op.layer):
         by_point: dict[str, list[Op]] = {}
@@ -88,13 +96,13 @@ def execute(model: Any, ops: list[Op], ctx: ApplyContext) -> None:
         if not from_call:
             args, kwargs = view.inputs
             hidden = args[0] if args else kwargs["hidden_states"]
-            ctx.enter_layer(layer, _past_length(kwargs, layer), hidden.shape[1], stamp)
+            ctx.enter_layer(layer, past_length(kwargs, layer), hidden.shape[1], stamp)
 
         if "resid_pre" in by_point:
-            view.input = _run_ops(by_point["resid_pre"], hidden, ctx)
+            view.input = run_ops(by_point["resid_pre"], hidden, ctx)
         if "input_layernorm" in by_point:
             value = view.input_layernorm.output
-            view.input_layernorm.output = _with_first(value, _run_ops(by_point["input_layernorm"], _first(value), ctx))
+            view.input_layernorm.output = with_first(value, run_ops(by_point["input_layernorm"], first_tensor(value), ctx))
         if attention:
             call = model.adapter.attention_call(view.self_attn)
             edits = []
@@ -113,8 +121,6 @@ def execute(model: Any, ops: list[Op], ctx: ApplyContext) -> None:
             if edits:
                 scaling = call_kwargs.get("scaling", getattr(module, "scaling", None))
                 if call_kwargs.get("sliding_window") is not None:
-                    from nnsight_av.errors import InputError
-
                     raise InputError("attention primitives do not support sliding-window attention layers")
                 out, weights = apply_attention_edits(query, key, value_states, mask, scaling, out, weights, edits,
                                                      num_key_value_groups=query.shape[1] // key.shape[1],
@@ -124,10 +130,10 @@ def execute(model: Any, ops: list[Op], ctx: ApplyContext) -> None:
             call.output = (out, weights, *output[2:])
         if "attn_output" in by_point:
             value = view.self_attn.output
-            view.self_attn.output = _with_first(value, _run_ops(by_point["attn_output"], _first(value), ctx))
+            view.self_attn.output = with_first(value, run_ops(by_point["attn_output"], first_tensor(value), ctx))
         if "mlp_output" in by_point:
             value = view.mlp.output
-            view.mlp.output = _with_first(value, _run_ops(by_point["mlp_output"], _first(value), ctx))
+            view.mlp.output = with_first(value, run_ops(by_point["mlp_output"], first_tensor(value), ctx))
         if "resid_post" in by_point:
             value = view.output
-            view.output = _with_first(value, _run_ops(by_point["resid_post"], _first(value), ctx))
+            view.output = with_first(value, run_ops(by_point["resid_post"], first_tensor(value), ctx))

@@ -8,11 +8,12 @@ running invoke. They share the keywords ``layers=``, ``tokens=``, ``site=``, ``h
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import torch
 
 from nnsight_av.errors import FormatError, InputError
+from nnsight_av.spans import MODALITY_CODES
 
 from .base import Intervention, register_intervention
 from .cache import ActivationCache, layout_signature
@@ -20,6 +21,9 @@ from .context import MODALITIES, ApplyContext
 from .engine import Op
 from .params import integer, real
 from .site import Site
+
+if TYPE_CHECKING:
+    from nnsight_av.model import AVModel
 
 __all__ = ["Zero", "MeanPatch", "Patch", "Noise"]
 
@@ -40,7 +44,7 @@ def _put(value: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor | None, ne
 class ActivationIntervention(Intervention):
     """Shared compile step: one op per layer that hands `edit` the selected rows."""
 
-    def compile(self, model: Any, ctx: ApplyContext) -> list[Op]:
+    def compile(self, model: "AVModel", ctx: ApplyContext) -> list[Op]:
         heads = self._heads(model)
         self._prepare(model, ctx)
         ops = []
@@ -48,7 +52,7 @@ class ActivationIntervention(Intervention):
             ops.append(Op(layer, self.site.point, self._op(layer, heads), label=type(self).__name__))
         return ops
 
-    def _prepare(self, model: Any, ctx: ApplyContext) -> None:
+    def _prepare(self, model: "AVModel", ctx: ApplyContext) -> None:
         """Checks that need the invoke (layouts, sources); runs before any module is read."""
 
     def _op(self, layer: int, heads: torch.Tensor | None):
@@ -148,7 +152,7 @@ def _check_layout(cache_layout: tuple, ctx: ApplyContext, what: str) -> None:
 
 def _describe(signature: tuple) -> str:
     length, layout, chunks = signature
-    counts = {m: layout.count(c) for m, c in (("video", "V"), ("audio", "A"), ("image", "I"))}
+    counts = {m: layout.count(MODALITY_CODES[m]) for m in ("video", "audio", "image")}
     return f"{length} tokens, " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f", chunks={list(chunks)}"
 
 
@@ -159,14 +163,29 @@ def _cache_value(cache: ActivationCache, key: str, what: str) -> torch.Tensor:
     return cache.acts[key]
 
 
+class CacheIntervention(ActivationIntervention):
+    """An activation primitive that reads an `ActivationCache` held in the parameter ``cache_param``."""
+
+    cache_param: ClassVar[str] = ""
+
+    @classmethod
+    def from_params(cls, params, sources=None):
+        params = dict(params)
+        name = cls.cache_param
+        params[name] = _bind_cache(params.get(name), sources, f"{cls.__name__} {name}")
+        return super().from_params(params, sources)
+
+
 @register_intervention
-class MeanPatch(ActivationIntervention):
+class MeanPatch(CacheIntervention):
     """Replace the selected activations with their mean over a reference set of inputs.
 
     ``means``: an `ActivationCache` from `interventions.compute_means` (``by="position"``: a
     mean per position, the target must share the reference layout; ``by="modality"``: a
     mean per modality, taken by each selected token's modality).
     """
+
+    cache_param = "means"
 
     def __init__(self, means: ActivationCache | str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -206,15 +225,9 @@ class MeanPatch(ActivationIntervention):
     def params(self):
         return {**super().params(), "means": None if self.means is None else _cache_ref(self.means)}
 
-    @classmethod
-    def from_params(cls, params, sources=None):
-        params = dict(params)
-        params["means"] = _bind_cache(params.get("means"), sources, "MeanPatch means")
-        return super().from_params(params, sources)
-
 
 @register_intervention
-class Patch(ActivationIntervention):
+class Patch(CacheIntervention):
     """Copy activations from a source run into this run at the selected positions.
 
     ``source`` is either an `ActivationCache` from `interventions.cache_activations` (a
@@ -224,6 +237,8 @@ class Patch(ActivationIntervention):
     the same layout (length and spans), else `InputError`. Positions the source lacks
     (tokens generated after the cached prompt) are left alone.
     """
+
+    cache_param = "source"
 
     def __init__(self, source: ActivationCache | int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -287,12 +302,6 @@ class Patch(ActivationIntervention):
         else:
             source = None if self.source is None else {"invoke": self.source}
         return {**super().params(), "source": source}
-
-    @classmethod
-    def from_params(cls, params, sources=None):
-        params = dict(params)
-        params["source"] = _bind_cache(params.get("source"), sources, "Patch source")
-        return super().from_params(params, sources)
 
 
 @register_intervention

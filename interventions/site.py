@@ -17,8 +17,9 @@ layer (that order is also the order composed interventions run in):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import torch
 
@@ -27,17 +28,24 @@ from nnsight_av.errors import FormatError, InputError, LayerIndexError
 from .params import integer
 from .selectors import normalize_selector
 
-__all__ = ["Site", "ROLES", "window", "LayerSpec", "POINT_ORDER"]
+if TYPE_CHECKING:
+    from nnsight_av.model import AVModel
+
+__all__ = ["Site", "ROLES", "ALIASES", "window", "LayerSpec", "POINT_ORDER", "canonical_role"]
 
 ROLES = ("resid_pre", "input_layernorm", "attn_logits", "attn_output", "mlp_output", "resid_post")
+#: The one table of site names: every other spelling used in the project, and TransformerLens' names.
 ALIASES = {
     "layer_input": "resid_pre", "resid_in": "resid_pre",
-    "layer_output": "resid_post", "resid_out": "resid_post", "resid": "resid_post",
-    "ln1": "input_layernorm", "attn_input": "input_layernorm",
-    "attn": "attn_output", "attn_out": "attn_output",
+    "layer_output": "resid_post", "resid_out": "resid_post",
+    "ln1": "input_layernorm", "attn_input": "input_layernorm", "attn_in": "input_layernorm",
+    "before_attn": "input_layernorm",
+    "attn": "attn_output", "attn_out": "attn_output", "self_attn": "attn_output",
     "mlp": "mlp_output", "mlp_out": "mlp_output",
-    "attention": "attn_logits", "attn_scores": "attn_logits",
+    "attention": "attn_logits", "attn_scores": "attn_logits", "attn_pattern": "attn_logits",
 }
+#: Names that meant different things in different modules; each keeps the meaning it had, with a warning.
+AMBIGUOUS = {"resid": "resid_post", "residual": "resid_pre"}
 #: Hook points inside one decoder layer, in execution order. ``attn_call`` is the attention
 #: function call (its mask and output); ``attn_heads`` its per-head output, before ``o_proj``.
 POINT_ORDER = {"resid_pre": 0, "input_layernorm": 1, "attn_call": 2, "attn_heads": 3, "attn_output": 4,
@@ -61,6 +69,10 @@ def canonical_role(role: str) -> str:
     """The canonical name of ``role`` (aliases accepted), or an `InputError` naming the known roles."""
     if not isinstance(role, str):
         raise InputError(f"a site role must be a string, got {type(role).__name__}")
+    if role in AMBIGUOUS:
+        warnings.warn(f"site name {role!r} is ambiguous (resid_pre: a layer's input, resid_post: its output); "
+                      f"it means {AMBIGUOUS[role]!r} here: write that", FutureWarning, stacklevel=3)
+        return AMBIGUOUS[role]
     name = ALIASES.get(role, role)
     if name not in ROLES:
         raise InputError(f"unknown site {role!r}; known sites: {', '.join(ROLES)} "
@@ -168,7 +180,7 @@ class Site:
             object.__setattr__(self, "heads", tuple(int(h) for h in heads))
 
     # -- resolution against a model ------------------------------------------------------
-    def layer_indices(self, model: Any) -> list[int]:
+    def layer_indices(self, model: "AVModel") -> list[int]:
         """The layers as sorted, non-negative, checked indices (`LayerIndexError` when out of range)."""
         n = model.num_layers
         spec = self.layers
@@ -187,7 +199,7 @@ class Site:
             raise LayerIndexError("no layers selected (layers= is empty)")
         return sorted({model.check_layer(int(v)) for v in values})
 
-    def head_indices(self, model: Any) -> list[int] | None:
+    def head_indices(self, model: "AVModel") -> list[int] | None:
         """The heads, checked against the model's head count (`InputError` when out of range)."""
         if self.heads is None:
             return None

@@ -152,7 +152,7 @@ def caption_eval(
     Exit code 3 when some (clip, method) pairs failed (their error lines are in the output)."""
     import json
 
-    from analyses.chair import _vocabulary
+    from analyses.chair import as_vocabulary
     from analyses.evaluate import check_caption_dataset, check_eval_settings, evaluate
 
     from .errors import InputError
@@ -168,7 +168,7 @@ def caption_eval(
                 raise InputError(f"--method-kwargs {str(method_kwargs)!r}: {error}") from None
         names = check_eval_settings(names, kwargs, max_new_tokens, limit)
         if vocabulary is not None:
-            _vocabulary(vocabulary, None)
+            as_vocabulary(vocabulary, None)
         check = check_caption_dataset(dataset)
         if check.invalid:
             typer.echo(check.report(), err=True)

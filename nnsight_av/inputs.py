@@ -11,7 +11,7 @@ import torch
 
 from .errors import InputError, MediaError
 from .media import load_audio, load_image, load_video
-from .spans import Spans
+from .spans import MODALITY_CODES, Spans
 
 if TYPE_CHECKING:
     from .model import AVModel
@@ -107,8 +107,7 @@ class AVInputs:
 
     def layout(self) -> str:
         """One character per token: V video, A audio, I image, . text."""
-        marks = {"video": "V", "audio": "A", "image": "I", "text": "."}
-        return "".join(marks[m] for m in self.spans.modality_of())
+        return "".join(MODALITY_CODES[m] for m in self.spans.modality_of())
 
     def __repr__(self) -> str:
         return f"AVInputs(adapter={self.adapter!r}, {self.spans!r})"

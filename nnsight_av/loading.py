@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .adapters.base import Adapter, get_adapter
+from .adapters.base import Adapter, get_adapter, registered_adapters
 from .errors import UnknownModelError
 from .model import AVModel
 
@@ -83,9 +83,8 @@ def _model_type(path: str, trust_remote_code: bool = False) -> str:
 
 
 def _known_types() -> set[str]:
-    from .adapters.base import _REGISTRY
-
-    return set(_REGISTRY)
+    """Every name and model type an adapter is registered under."""
+    return {key for name, adapter in registered_adapters().items() for key in (name, *adapter.model_types)}
 
 
 def load(

@@ -11,17 +11,27 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from nnsight.intervention.envoy import Envoy, traceable
 from nnsight.modeling.mixins.remotable import Remotable
 
-from .adapters.base import Adapter
-from .errors import InputError, LayerIndexError
+from .adapters.base import Adapter, get_module
+from .errors import AdapterError, InputError, LayerIndexError
 from .inputs import AVInputs, MediaRequest, prepare, prepare_request
 
-__all__ = ["AVModel"]
+__all__ = ["AVModel", "register_runner"]
+
+#: What ``AVModel.run`` calls; ``interventions`` registers its ``run`` here. The core must not import the
+#: layer above it, so the dependency is inverted: the upper layer hands its entry point down.
+_RUNNER: Callable[..., Any] | None = None
+
+
+def register_runner(runner: Callable[..., Any]) -> None:
+    """Make ``runner(model, inputs, interventions, **kwargs)`` the implementation of ``AVModel.run``."""
+    global _RUNNER
+    _RUNNER = runner
 
 
 class _Role:
@@ -142,6 +152,54 @@ class AVModel(Remotable):
             envoy = child if child is not None else (envoy[int(part)] if part.isdigit() else getattr(envoy, part))
         return envoy
 
+    def raw(self, role: str | None = None, layer: int | None = None) -> torch.nn.Module:
+        """The plain ``torch.nn.Module`` behind a role: the one way past the envoys to the real modules.
+
+        For code that registers PyTorch hooks or calls modules directly (the fast runtime in
+        ``interventions.runtime``). ``raw()``: the thinker; ``raw("layers")``: the decoder layers
+        (a ``ModuleList``); ``raw("stack")``: the decoder stack holding them; a model role
+        (``"embed"``, ``"final_norm"``, ``"lm_head"``, ``"rotary"``, ...); ``raw("layer", i)``:
+        decoder layer ``i``; a layer role (``"self_attn"``, ``"mlp"``, ``"input_layernorm"``, ...)
+        with ``layer=i``. A role this model lacks raises `AdapterError`.
+
+        >>> import nnsight_av as nav
+        >>> model = nav.testing.tiny_model()
+        >>> type(model.raw("self_attn", layer=1)).__name__, len(model.raw("layers")) == model.num_layers
+        ('Qwen2_5OmniAttention', True)
+        """
+        root = self._module
+        paths = self.adapter.paths
+        if role is None:
+            return root
+        if role == "stack":
+            parent = paths["layers"].rpartition(".")[0]
+            return get_module(root, parent)
+        if role == "layer" or role in self.adapter.layer_paths:
+            if layer is None:
+                raise AdapterError(f"raw({role!r}) needs layer=")
+            block = get_module(root, paths["layers"])[self.check_layer(layer)]
+            if role == "layer":
+                return block
+            path = self.adapter.layer_paths.get(role)
+            if not path:
+                raise AdapterError(f"adapter {self.adapter.name!r} has no {role!r} module in its decoder layers")
+            return get_module(block, path)
+        if layer is not None:
+            raise AdapterError(f"raw({role!r}) is not a per-layer role; drop layer=")
+        if role not in paths and role != "layers":
+            raise AdapterError(f"unknown module role {role!r}; known: stack, layer, "
+                               f"{', '.join([*paths, *self.adapter.layer_paths])}")
+        if not paths.get(role):
+            raise AdapterError(f"adapter {self.adapter.name!r} has no {role!r} module for this model")
+        return get_module(root, paths[role])
+
+    @property
+    def attn_implementation(self) -> str:
+        """The attention backend the decoder runs (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``, ...)."""
+        config = self.adapter.text_config
+        return str(getattr(config, "_attn_implementation", None)
+                   or getattr(self.adapter.config, "_attn_implementation", None) or "sdpa")
+
     @property
     def layers(self) -> LayersView:
         return LayersView(self)
@@ -203,9 +261,7 @@ class AVModel(Remotable):
 
     def render_chat(self, conversation: list[dict[str, Any]]) -> str:
         """The chat template applied to ``conversation`` with the generation prompt."""
-        from .adapters.qwen2_5_omni import CHATML_TEMPLATE
-
-        template = None if getattr(self.processor, "chat_template", None) else CHATML_TEMPLATE
+        template = None if getattr(self.processor, "chat_template", None) else self.adapter.fallback_chat_template
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False,
                                                   chat_template=template)
 
@@ -282,10 +338,15 @@ class AVModel(Remotable):
 
     # -- interventions -----------------------------------------------------------------
     def run(self, inputs: Any, interventions: Any = None, **kwargs: Any) -> Any:
-        """Logits of ``inputs`` with ``interventions`` applied; see ``interventions.run``."""
-        from interventions import run
+        """Logits of ``inputs`` with ``interventions`` applied; see ``interventions.run``.
 
-        return run(self, inputs, interventions, **kwargs)
+        The runner lives one layer up, in ``interventions``, which registers it with
+        `register_runner` when imported (building an intervention imports it anyway).
+        """
+        if _RUNNER is None:
+            raise InputError("model.run needs the interventions package: `import interventions` first "
+                             "(it registers the runner)")
+        return _RUNNER(self, inputs, interventions, **kwargs)
 
     # -- remote ----------------------------------------------------------------------
     def _remoteable_model_key(self) -> str:

@@ -19,6 +19,12 @@ from .errors import SpanError, TokenSelectionError
 Positions = Int[torch.Tensor, "n"]
 
 MODALITY_SPANS = ("audio", "video", "image")
+#: The modality of a token, in the order per-modality tables use (means, stds of `interventions`).
+MODALITIES = (*MODALITY_SPANS, "text")
+#: The modalities a clip's media carry, the ones the dominance test removes.
+AV_MODALITIES = ("audio", "video")
+#: One character per modality, as in ``AVInputs.layout()`` and ``SinkResult.layout`` (the one definition).
+MODALITY_CODES = {"video": "V", "audio": "A", "image": "I", "text": "."}
 NAMED_SPANS = ("audio", "video", "image", "text", "system", "prompt", "media", "first", "assistant")
 
 

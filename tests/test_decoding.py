@@ -304,10 +304,10 @@ def test_dataset_errors(tmp_path, tiny):
 
 
 def test_hooked_attention_refuses_sliding_windows():
-    from analyses.decoding import _ACTIVE, AttentionHook, _hooked_attention
+    from interventions.runtime.routing import _ACTIVE, AttentionHook, _hooked_attention
 
     module = torch.nn.Linear(2, 2)
-    token = _ACTIVE.set(AttentionHook([module]))
+    token = _ACTIVE.set((AttentionHook([module]),))
     try:
         q = torch.randn(1, 2, 3, 4)
         with pytest.raises(nav.AdapterError, match="sliding_window"):

@@ -3,6 +3,9 @@
 References are written plainly here: torch forward hooks on the Hugging Face modules
 (the model run without nnsight), hand-computed means, and an eager attention function
 registered with transformers that boosts / knocks out by hand on probabilities.
+
+Every test runs on both runtimes (`RUNTIME`): ``ivs.run`` / ``ivs.generate`` are switched to
+``runtime="hooks"`` for the second pass, so each reference checks the hook runtime too.
 """
 
 from __future__ import annotations
@@ -17,6 +20,24 @@ import interventions as ivs
 import nnsight_av as nav
 
 # --------------------------------------------------------------------------- fixtures / helpers
+RUN, GENERATE = ivs.run, ivs.generate
+
+
+@pytest.fixture(autouse=True, params=["nnsight", "hooks"])
+def runtime(request, monkeypatch):
+    """Every test once per runtime: ``ivs.run`` / ``ivs.generate`` default to it."""
+    def run(*args, **kwargs):
+        kwargs.setdefault("runtime", request.param)
+        return RUN(*args, **kwargs)
+
+    def generate(*args, **kwargs):
+        kwargs.setdefault("runtime", request.param)
+        return GENERATE(*args, **kwargs)
+
+    monkeypatch.setattr(ivs, "run", run)
+    monkeypatch.setattr(ivs, "generate", generate)
+    return request.param
+
 
 
 @pytest.fixture(scope="module")

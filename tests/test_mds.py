@@ -189,7 +189,7 @@ def test_defer_by_memory_and_its_estimate(model, ex, monkeypatch):
     from types import SimpleNamespace
 
     weight = SimpleNamespace(device=torch.device("cuda"))
-    on_gpu = SimpleNamespace(_module=SimpleNamespace(get_input_embeddings=lambda: SimpleNamespace(weight=weight)))
+    on_gpu = SimpleNamespace(raw=lambda role: SimpleNamespace(weight=weight))
     assert len(ex) < mds_mod.DEFER_MIN_TOKENS_CUDA and not mds_mod._should_defer(on_gpu, [ex], None)
 
 

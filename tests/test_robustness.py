@@ -358,7 +358,7 @@ def test_custom_code_checkpoint_is_refused_without_a_prompt(tmp_path):
 
 
 def test_rank_zero_does_not_wait_for_a_dead_peer(tmp_path, monkeypatch):
-    import analyses.runner as runner
+    import analyses.clips as runner
 
     monkeypatch.setattr(runner, "PEER_GRACE", 1.0)
     records = read_dataset([{"id": f"c{i}", "video": "v.mp4", "prompt": "Q", "options": "AB"} for i in range(4)])

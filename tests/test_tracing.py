@@ -207,14 +207,14 @@ def test_skipping_overwritten_positions_is_exact(sharp, pair, monkeypatch):
 def test_clean_record_riding_on_the_sink_prefill(sharp, pair):
     """The pipeline takes the clean run from the sink analysis' prefill (which stops inside the
     last layer) and finishes the last layer for the last position: same record as a clean forward."""
-    from analyses.runner import PipelineConfig, _sinks
+    from analyses.runner import PipelineConfig, pipeline_sinks
 
     clean, _ = pair
     media = clean.spans.media
     runner = PatchRunner(sharp, "input_layernorm", OPTIONS)
     alone = runner.record_clean(clean, media, range(sharp.num_layers))
     fused, (sinks, split) = runner.record_clean_during(
-        lambda: _sinks(sharp, clean, PipelineConfig(sink_dims=[0, 1], tau=2.0)), clean, media, range(sharp.num_layers))
+        lambda: pipeline_sinks(sharp, clean, PipelineConfig(sink_dims=[0, 1], tau=2.0)), clean, media, range(sharp.num_layers))
     assert torch.allclose(fused.probs, alone.probs, atol=1e-6)
     for layer in range(sharp.num_layers):
         assert torch.equal(fused.values[layer], alone.values[layer])
@@ -473,3 +473,41 @@ def test_several_clips_and_result_round_trip(sharp, pair, tmp_path):
     assert isinstance(res.plot_bars(), matplotlib.figure.Figure)
     assert isinstance(res.plot_heatmap("ie_corrupt"), matplotlib.figure.Figure)
     assert math.isfinite(res.agreement(res)["ie_clean"])
+
+
+# ---------------------------------------------------------------------------------------
+# a user's own interventions in every forward of the trace
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["exact", "naive"])
+def test_trace_with_extra_interventions_equals_composed_primitives(sharp, pair, method):
+    """``causal_trace(..., interventions=iv)`` = the trace of the model with ``iv`` applied, written with primitives."""
+    import interventions as ivs
+
+    clean, corrupt = pair
+    audio = clean.spans.audio
+    sets = {"first": audio[:5], "late": audio[-7:]}
+    iv = [ivs.AttentionKnockout(queries="text", keys="video", heads=[0], layers=[1, 2]),
+          ivs.Zero(site="mlp_output", layers=3, tokens="audio")]
+    res = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=sets, window=2, method=method, progress=False,
+                       interventions=iv)
+    plain = causal_trace(sharp, clean, corrupt, OPTIONS, token_sets=sets, window=2, method=method, progress=False)
+    ids = option_token_ids(sharp.tokenizer, OPTIONS)
+    probs = lambda logits: letter_probs(logits[0, -1], ids)  # noqa: E731
+    p_clean = probs(ivs.run(sharp, clean, iv))
+    p_corrupt = probs(ivs.run(sharp, corrupt, iv))
+    k_clean, k_corrupt = int(p_clean.argmax()), int(p_corrupt.argmax())
+    for row in res.effects.itertuples():
+        window = range(row.layer_start, row.layer_end)
+        patch = ivs.Patch(source=0, site="input_layernorm", layers=window, tokens=sets[row.token_set])
+        p_patched = probs(ivs.run(sharp, [clean, corrupt], iv + [patch])[1])
+        assert row.ie_clean == pytest.approx(float(p_patched[k_clean] - p_corrupt[k_clean]), abs=1e-5)
+        assert row.ie_corrupt == pytest.approx(float(p_corrupt[k_corrupt] - p_patched[k_corrupt]), abs=1e-5)
+    assert not np.allclose(res.effects["ie_clean"], plain.effects["ie_clean"], atol=1e-4)
+
+
+def test_extra_interventions_may_not_edit_the_patched_site(sharp, pair):
+    import interventions as ivs
+
+    with pytest.raises(InputError, match="patched site 'input_layernorm'"):
+        causal_trace(sharp, *pair, OPTIONS, token_sets={"a": pair[0].spans.audio[:3]}, progress=False,
+                     interventions=ivs.Zero(site="input_layernorm", layers=0, tokens="video"))

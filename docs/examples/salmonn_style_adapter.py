@@ -1,6 +1,6 @@
 """Worked example of docs/adapters.md: an adapter for a model built outside transformers.
 
-The model is a tiny video-SALMONN-style AVLLM (`nnsight_av.testing.salmonn`): an audio encoder
+The model is a tiny video-SALMONN-style AVLLM (`nnsight_av.adapters.salmonn_style_model`): an audio encoder
 and a vision encoder whose projected outputs replace placeholder tokens in the input
 embeddings of a Llama decoder. Its adapter is `nnsight_av.adapters.salmonn_style`. This
 script wraps the model, validates the adapter, and runs every AVModel feature on it.
@@ -17,7 +17,7 @@ import torch
 
 import nnsight_av as nav
 from nnsight_av.adapters.salmonn_style import SalmonnStyleAdapter
-from nnsight_av.testing.salmonn import SalmonnStyleModel, SalmonnStyleProcessor
+from nnsight_av.adapters.salmonn_style_model import SalmonnStyleModel, SalmonnStyleProcessor
 
 
 def build_model() -> nav.AVModel:

@@ -81,6 +81,8 @@ class Adapter:
     #: (nnsight ``.source``); its inputs are (module, query, key, value, attention_mask, ...)
     #: with query and key already rotated.
     attention_call_prefix: ClassVar[str] = "attention_interface"
+    #: Chat template ``AVModel.render_chat`` uses when the processor brings none (tiny test processors).
+    fallback_chat_template: ClassVar[str | None] = None
     sampling_rate: ClassVar[int] = 16000
     video_fps: ClassVar[float] = 2.0
 

@@ -52,6 +52,7 @@ class Qwen25OmniAdapter(Adapter):
     """Qwen2.5-Omni 3B/7B thinker (transformers' ``Qwen2_5OmniThinkerForConditionalGeneration``)."""
 
     name = "qwen2_5_omni"
+    fallback_chat_template = CHATML_TEMPLATE
     model_types = ("qwen2_5_omni", "qwen2_5_omni_thinker")
     roles = {
         "embed": ("model.embed_tokens", "model.language_model.embed_tokens"),

@@ -1,6 +1,6 @@
 """Adapter for a video-SALMONN-style model built outside transformers (the worked example of docs/adapters.md).
 
-The model (`nnsight_av.testing.salmonn.SalmonnStyleModel`) is a plain ``torch.nn.Module``:
+The model (`nnsight_av.adapters.salmonn_style_model.SalmonnStyleModel`) is a plain ``torch.nn.Module``:
 audio and vision encoders, linear projectors, and a transformers ``LlamaForCausalLM`` as
 the decoder. Its processor interleaves audio with video frame by frame; this adapter
 parses that layout itself instead of using the Qwen-style parser.
@@ -15,6 +15,7 @@ import torch
 from ..errors import SpanError
 from ..spans import Chunk, Spans, expect_token, next_block, turn_spans
 from .base import Adapter, register_adapter
+from .salmonn_style_model import SalmonnStyleModel, SalmonnStyleProcessor
 
 
 @register_adapter
@@ -175,12 +176,8 @@ class SalmonnStyleAdapter(Adapter):
     # 6. Loading a saved checkpoint (the model is not a transformers class, so it brings its own).
     @classmethod
     def load_module(cls, path: str, **kwargs: Any) -> torch.nn.Module:
-        from ..testing.salmonn import SalmonnStyleModel
-
         return SalmonnStyleModel.from_pretrained(path, **kwargs)
 
     @classmethod
     def load_processor(cls, path: str) -> Any:
-        from ..testing.salmonn import SalmonnStyleProcessor
-
         return SalmonnStyleProcessor.from_pretrained(path)

@@ -582,12 +582,11 @@ def status_table(reports: Sequence[AdapterReport]) -> str:
 def _main() -> None:  # pragma: no cover - prints the docs/adapters.md status table
     import warnings
 
-    from . import tiny_model
-    from .tiny import _BUILDERS
+    from .tiny import tiny_model, tiny_model_types
 
     warnings.filterwarnings("ignore")
     reports = []
-    for model_type in _BUILDERS:
+    for model_type in tiny_model_types():
         report = check_adapter(tiny_model(model_type, seed=0))
         print(report, flush=True)
         reports.append(report)

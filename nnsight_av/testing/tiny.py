@@ -136,7 +136,7 @@ def tiny_model(
     """A tiny random-weight `AVModel` of ``model_type`` with a real, locally built processor.
 
     ``model_type``: ``"qwen2_5_omni"``, ``"qwen3_omni_moe"`` (MoE thinker, 4 experts) or
-    ``"salmonn_style"`` (a model outside transformers, see `nnsight_av.testing.salmonn`).
+    ``"salmonn_style"`` (a model outside transformers, see `nnsight_av.adapters.salmonn_style_model`).
     ``validate`` runs the load-time adapter checks (`nnsight_av.validation.quick_check`).
 
     >>> model = tiny_model(seed=0)
@@ -272,3 +272,12 @@ _BUILDERS = {
     "qwen3_omni_moe": _build_qwen3_omni_moe,
     "salmonn_style": _build_salmonn_style,
 }
+
+
+def tiny_model_types() -> list[str]:
+    """The model types `tiny_model` builds.
+
+    >>> "qwen2_5_omni" in tiny_model_types()
+    True
+    """
+    return list(_BUILDERS)

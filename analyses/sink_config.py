@@ -1,0 +1,93 @@
+"""`SinkConfig`: the settings of the global-sink search and of the MDS split, in one place.
+
+The same five settings drive `find_sinks`, `sink_analysis`, ASD (`ASDConfig.sinks`), the
+dataset pipeline (`PipelineConfig.sinks`) and the CLI. Defaults follow METHOD.md:
+
+- ``dims`` / ``tau``: ``None`` takes the adapter's known sink dimensions and threshold (tau = 25
+  for 7B-size models; section 2: smaller models need their own);
+- ``k_divide`` (N in K = int(T / N)) is 2 for causal tracing (section 5, Table 1) and 3 for
+  ASD (section 6, "the clean prefill with N = 3"): `SinkConfig()` is the tracing default,
+  `ASD_SINKS` ASD's;
+- ``k``: an explicit K instead of int(T / N);
+- ``split_rule``: "rank" (the authors' halves by MDS, our default) or "sign" (MDS threshold 0);
+- ``criterion``: how a score becomes "sink or not" (`analyses.sinks.SINK_CRITERIA`: "phi", the
+  paper's rule, or "magnitude" for small models); ``None`` takes the adapter's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping, Sequence
+
+from nnsight_av.errors import InputError
+
+from .sinks import SINK_CRITERIA
+
+__all__ = ["SinkConfig", "ASD_SINKS", "SPLIT_RULES"]
+
+SPLIT_RULES = ("rank", "sign")
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """Sink search and split settings (see the module docstring for the defaults and why).
+
+    >>> SinkConfig(k_divide=3).to_dict()
+    {'dims': None, 'tau': None, 'k_divide': 3.0, 'k': None, 'split_rule': 'rank', 'criterion': None}
+    >>> SinkConfig.from_dict({"tau": 20, "future_field": 1}).tau
+    20.0
+    """
+
+    dims: tuple[int, ...] | None = None
+    tau: float | None = None
+    k_divide: float = 2.0
+    k: int | None = None
+    split_rule: str = "rank"
+    criterion: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dims is not None:
+            if isinstance(self.dims, (str, bytes)) or not isinstance(self.dims, Sequence):
+                raise InputError(f"SinkConfig.dims must be a list of channel indices, got {self.dims!r}")
+            object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
+        if self.tau is not None:
+            object.__setattr__(self, "tau", float(self.tau))
+        object.__setattr__(self, "k_divide", float(self.k_divide))
+        if not self.k_divide > 0:
+            raise InputError(f"SinkConfig.k_divide (N in K = int(T / N)) must be positive, got {self.k_divide}")
+        if self.k is not None and (isinstance(self.k, bool) or int(self.k) != self.k or self.k < 0):
+            raise InputError(f"SinkConfig.k must be an int >= 0 or None, got {self.k!r}")
+        if self.criterion is not None and self.criterion not in SINK_CRITERIA:
+            raise InputError(f"SinkConfig.criterion must be None or one of {SINK_CRITERIA}, got {self.criterion!r}")
+        if self.split_rule not in SPLIT_RULES:
+            raise InputError(f"SinkConfig.split_rule must be one of {SPLIT_RULES}, got {self.split_rule!r}")
+
+    def search_kwargs(self) -> dict[str, Any]:
+        """Keywords of `find_sinks` / `sink_analysis`: ``dims``, ``tau``, ``k_divide``, ``k``, ``criterion``."""
+        return {"dims": list(self.dims) if self.dims is not None else None, "tau": self.tau,
+                "k_divide": self.k_divide, "k": self.k, "criterion": self.criterion}
+
+    def with_(self, **changes: Any) -> "SinkConfig":
+        """A copy with ``changes`` (``None`` values are ignored: "keep mine")."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["dims"] = list(self.dims) if self.dims is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | "SinkConfig" | None) -> "SinkConfig":
+        """From `to_dict` output; keys this version does not know are ignored (newer files load)."""
+        if isinstance(data, SinkConfig):
+            return data
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise InputError(f"a sink config must be a SinkConfig or a dict, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+#: ASD's sinks: N = 3 (METHOD.md section 6), where causal tracing uses N = 2 (section 5).
+ASD_SINKS = SinkConfig(k_divide=3.0)

@@ -1,0 +1,23 @@
+"""The fast runtime: interventions and analyses on plain PyTorch hooks, without an nnsight trace.
+
+nnsight pays a host-side cost per module it serves; a decode loop or a sweep of hundreds of
+patched forwards pays it thousands of times. This runtime runs the same `Intervention`
+objects on the plain modules (``model.raw(...)``) instead:
+
+- `routing`: the routed attention function (one function registered with transformers'
+  ``AttentionInterface``) and `AttentionHook`, for everything inside attention;
+- `decoder`: `Decoder`, the prefill that stops after the decoder stack and cached decode
+  steps (KV-cache handling, rope positions);
+- `hooks`: `applied`, which compiles interventions to the same ops the nnsight engine runs
+  and executes them from forward hooks and the routed attention function.
+
+``interventions.run(..., runtime="hooks")`` / ``interventions.generate(..., runtime="hooks")``
+use it; tests check both runtimes give the same outputs for every primitive.
+"""
+
+from .decoder import Decoder, Prefill, StopForward, data_on, sync_device
+from .hooks import HookExecutor, applied
+from .routing import ATTENTION_IMPLEMENTATION, AttentionHook, active_hooks, route_attention
+
+__all__ = ["Decoder", "Prefill", "StopForward", "data_on", "sync_device", "ATTENTION_IMPLEMENTATION",
+           "AttentionHook", "active_hooks", "route_attention", "applied", "HookExecutor"]
