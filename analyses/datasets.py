@@ -541,9 +541,15 @@ def check_dataset(
             records = list(items)
         else:
             records = read_dataset(items, on_error="record")
+    return checked_files(records, ClipRecord, model)
+
+
+def checked_files(records: Sequence[Any], record_type: type, model: "AVModel | None" = None) -> DatasetCheck:
+    """`DatasetCheck` of ``records`` after each ``record_type`` record's ``check_files()``; a failing
+    one becomes an `InvalidRecord` (shared by the clip and caption data sets)."""
     out: list[Any] = []
     for record in records:
-        if isinstance(record, ClipRecord):
+        if isinstance(record, record_type):
             try:
                 record.check_files()
             except NNsightAVError as error:

@@ -34,7 +34,7 @@ from nnsight_av.errors import InputError, NNsightAVError
 from .asd import ASDConfig, asd_generate
 from .decoding import fmd_generate, greedy_generate, vcd_generate
 from .chair import ChairResult, Vocabulary, as_vocabulary, chair, example_vocabulary
-from .datasets import (MAX_PROMPT_CHARS, DatasetCheck, InvalidRecord, check_media_file, check_rates, load_media_file,
+from .datasets import (MAX_PROMPT_CHARS, DatasetCheck, InvalidRecord, checked_files, check_media_file, check_rates, load_media_file,
                        parse_record, read_rows)
 from .store import (OutputLock, append_jsonl, check_settings, model_identity, read_jsonl, remove_output, repair_tail,
                     write_jsonl)
@@ -189,16 +189,7 @@ def check_caption_dataset(
             except NNsightAVError as error:
                 clip = r.get("id") if isinstance(r, Mapping) else None
                 records.append(InvalidRecord.of(str(clip) if clip is not None else f"record {i + 1}", error, i + 1))
-    out: list[Any] = []
-    for record in records:
-        if isinstance(record, CaptionRecord):
-            try:
-                record.check_files()
-            except NNsightAVError as error:
-                record = InvalidRecord.of(record.id, error)
-        out.append(record)
-    check = DatasetCheck(out)
-    return check.check_model(model) if model is not None else check
+    return checked_files(records, CaptionRecord, model)
 
 
 def write_caption_dataset(records: Sequence[CaptionRecord | Mapping[str, Any]], path: str | Path) -> Path:
