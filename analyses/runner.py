@@ -27,7 +27,7 @@ from .datasets import ClipRecord, DatasetCheck, check_dataset, max_positions
 from .dominance import DominanceResult, dominance_label
 from .mds import sink_analysis
 from .options import on_device
-from .sink_config import SinkConfig
+from .sink_config import SINK_SHORTCUTS, SinkConfig
 from .sinks import resolve_sink_dims
 from .plots import plot_pipeline
 from .results import RecordsResult
@@ -328,10 +328,15 @@ def trace_dataset(
     ``overwrite=True`` (which starts it again).
     """
     config = config or PipelineConfig()
+    if "sinks" in overrides:
+        # the flat shortcuts hold the old config's values and would win over the new one; given ones still do
+        for name in SINK_SHORTCUTS:
+            setattr(config, name, None)
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise InputError(f"unknown pipeline setting {key!r}; known: {sorted(config.__dict__)}")
         setattr(config, key, value)
+    config._sync_sinks()
     config.validate_for(model)
     records = check_dataset(dataset, model).records
     done = run_clips(records, lambda rec: analyze_clip(model, rec, config), out, rank=rank, world_size=world_size,

@@ -27,7 +27,7 @@ from nnsight_av.errors import InputError
 
 from .sinks import SINK_CRITERIA
 
-__all__ = ["SinkConfig", "ASD_SINKS", "SPLIT_RULES"]
+__all__ = ["SinkConfig", "ASD_SINKS", "SPLIT_RULES", "SINK_SHORTCUTS"]
 
 SPLIT_RULES = ("rank", "sign")
 
@@ -101,3 +101,6 @@ class SinkConfig:
 
 #: ASD's sinks: N = 3 (METHOD.md section 6), where causal tracing uses N = 2 (section 5).
 ASD_SINKS = SinkConfig(k_divide=3.0)
+
+#: The flat sink fields of `ASDConfig` and `PipelineConfig` (shortcuts that override their ``sinks``).
+SINK_SHORTCUTS = ("k_divide", "sink_dims", "tau", "split_rule", "criterion")

@@ -147,3 +147,17 @@ def test_caption_eval_sinks_without_asd_are_refused(captured, tmp_path):
                                           "--methods", "greedy", "--k-divide", "4"])
     assert result.exit_code == 2 and "--k-divide set ASD's sinks, but asd is not in --methods greedy" in result.output
     assert "loaded" not in captured
+
+
+def test_trace_dataset_takes_a_whole_sink_config(tiny, monkeypatch, tmp_path):
+    """``trace_dataset(..., sinks=SinkConfig(...))`` uses it (the flat shortcuts of the default config do not
+    win over it); a shortcut given beside it still does."""
+    import analyses.runner as runner
+
+    seen = []
+    monkeypatch.setattr(runner, "run_clips", lambda records, work, out, **kw: seen.append(kw["settings"]) or [])
+    data = clips(tmp_path)
+    runner.trace_dataset(tiny, data, tmp_path / "a.jsonl", sinks=SinkConfig(dims=(0, 1), k_divide=3), progress=False)
+    runner.trace_dataset(tiny, data, tmp_path / "b.jsonl", sinks=SinkConfig(dims=(0, 1), k_divide=3), k_divide=4.0,
+                         progress=False)
+    assert [s["sinks"]["k_divide"] for s in seen] == [3.0, 4.0] and seen[0]["sinks"]["dims"] == [0, 1]
