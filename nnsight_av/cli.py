@@ -18,9 +18,9 @@ from typing import Any, Iterator, Optional
 
 import typer
 
-from analyses.sink_config import ASD_SINKS, SinkConfig
+from analyses.sink_config import ASD_SINKS, SINK_SHORTCUTS, SinkConfig
 
-from .app.sink_options import SinkOptions, sink_options
+from .app.sink_options import SinkOptions, option_name, sink_options
 from .demo import DEMO_CAPTIONS, DEMO_CLIPS, DEMO_MAX_NEW_TOKENS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -191,26 +191,23 @@ def _asd_sinks(kwargs: Optional[dict], sinks: SinkOptions, methods: list[str]) -
     """``method_kwargs`` with the sink options given applied to ASD's config (its own sink settings under them)."""
     from dataclasses import replace
 
-    from analyses.asd_config import SINK_SHORTCUTS, ASDConfig
+    from analyses.asd_config import ASDConfig
 
     from .errors import InputError
 
-    if not sinks.given:
-        return kwargs
+    if not sinks.given or not isinstance(kwargs, (dict, type(None))):
+        return kwargs                                    # a bad --method-kwargs: check_eval_settings says why
     if "asd" not in methods:
-        from .app.sink_options import option_name
-
         raise InputError(f"{', '.join(option_name(k) for k in sinks.given)} set ASD's sinks, but asd is not in "
                          f"--methods {','.join(methods)}")
     kwargs = dict(kwargs or {})
     asd = dict(kwargs.get("asd") or {})
     config = asd.get("config") or {}
-    if not isinstance(config, ASDConfig):
-        config = ASDConfig.from_dict(config) if isinstance(config, dict) else config
-    if isinstance(config, ASDConfig):
-        config = replace(config, sinks=config.sinks.with_(**sinks.given), **dict.fromkeys(SINK_SHORTCUTS))
-        asd["config"] = config.to_dict()
-    kwargs["asd"] = asd
+    if not isinstance(config, dict):
+        raise InputError(f"--method-kwargs: asd's config must be a dict of ASDConfig fields, got {config!r}")
+    config = ASDConfig.from_dict(config)
+    config = replace(config, sinks=config.sinks.with_(**sinks.given), **dict.fromkeys(SINK_SHORTCUTS))
+    kwargs["asd"] = {**asd, "config": config.to_dict()}
     return kwargs
 
 
