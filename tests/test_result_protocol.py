@@ -34,7 +34,12 @@ def discovered() -> dict[str, type]:
     """Result-like classes defined anywhere in `analyses` (by name), plus every registered one."""
     found = dict(RESULT_CLASSES)
     for info in pkgutil.iter_modules(analyses.__path__):
-        module = importlib.import_module(f"analyses.{info.name}")
+        try:
+            module = importlib.import_module(f"analyses.{info.name}")
+        except ImportError as error:                 # a kernel module without its optional dependency (Triton)
+            if error.name in ("triton",):
+                continue
+            raise
         for name, cls in inspect.getmembers(module, inspect.isclass):
             if cls.__module__ == module.__name__ != "analyses.results" and name.endswith(("Result", "Output")):
                 found[name] = cls
