@@ -100,6 +100,10 @@ class ASDOutput(DecodeOutput):
     def fallback(self) -> np.ndarray:
         return np.asarray(self.steps.get("fallback", []), dtype=bool)
 
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per generated token with ASD's diagnostics (`diagnostics`)."""
+        return self.diagnostics()
+
     def diagnostics(self) -> "pd.DataFrame":
         """One row per generated token: token, s_t, target, w_t, m_t, C, U, fallback, reason, changed."""
         import pandas as pd

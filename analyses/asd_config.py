@@ -10,7 +10,7 @@ import torch
 from interventions.attention import AttentionBoost
 from nnsight_av.errors import InputError
 
-from .sink_config import ASD_SINKS, SinkConfig
+from .sink_config import ASD_SINKS, SINK_SHORTCUTS, SinkConfig
 
 __all__ = ["ASDConfig", "SINK_SETS", "SINK_SHORTCUTS"]
 
@@ -151,6 +151,3 @@ class ASDConfig:
             raise InputError(f"unknown ASDConfig fields {unknown}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
-
-#: The flat sink fields of `ASDConfig` (shortcuts for its ``sinks``).
-SINK_SHORTCUTS = ("k_divide", "sink_dims", "tau", "split_rule", "criterion")

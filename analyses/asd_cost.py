@@ -22,10 +22,8 @@ ASD against greedy decoding (and VCD / FMD if asked):
 
 from __future__ import annotations
 
-import json
 import string
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -37,7 +35,8 @@ from .asd import ASDConfig, asd_generate, strength_target
 from .chair import Vocabulary, as_vocabulary, chair, example_vocabulary
 from .evaluate import METHODS, decoding_kwargs, run_method
 from .options import letter_probs, normalize_options, option_token_ids
-from .results import JsonResult, read_json
+from .plots import plot_asd_cost
+from .results import JsonResult, frame_from_records, frame_to_records
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -250,8 +249,24 @@ class ASDCostResult(JsonResult):
         frame = self.changes(baseline)
         return frame[frame["direction"] == "introduced"].drop(columns="direction").reset_index(drop=True)
 
-    def summary(self, baseline: str = "greedy") -> str:
-        """A few lines: accuracy, coverage, CHAIR and errors introduced / fixed per method."""
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per (task, clip, method): the ``mc`` rows then the ``captions`` rows, with a ``task`` column
+        ("mc" or "caption"); columns of the other task are empty."""
+        import pandas as pd
+
+        parts = [self.mc.assign(task="mc"), self.captions.assign(task="caption")]
+        frame = pd.concat([p for p in parts if len(p)] or parts[:1], ignore_index=True)
+        return frame[["task"] + [c for c in frame.columns if c != "task"]]
+
+    def summary(self, baseline: str = "greedy") -> "pd.DataFrame":
+        """Per method: accuracy, coverage, CHAIR and errors introduced / fixed against ``baseline``: `table`."""
+        return self.table(baseline)
+
+    def report(self, baseline: str = "greedy") -> str:
+        """A few lines: accuracy, coverage, CHAIR and errors introduced / fixed per method.
+
+        This was ``summary()`` before the result protocol made ``summary()`` a DataFrame.
+        """
         table = self.table(baseline)
         lines = [f"ASD cost: {self.mc['clip'].nunique()} multiple-choice clips, "
                  f"{self.captions['clip'].nunique()} caption clips (baseline {baseline})"]
@@ -283,55 +298,18 @@ class ASDCostResult(JsonResult):
         return f"<b>{self!r}</b>" + self.table().to_html(index=False, float_format=lambda v: f"{v:.3f}")
 
     def plot(self, baseline: str = "greedy") -> "Figure":
-        """Left: MC accuracy per method; right: caption coverage, CHAIR_i and exact captions per method."""
-        import matplotlib.pyplot as plt
-
-        table = self.table(baseline)
-        fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4))
-        mc = table[table["mc_clips"] > 0]
-        left.bar(mc["method"], mc["mc_accuracy"], color="tab:blue", label="accuracy")
-        left.set_ylim(0, 1.05)
-        left.set_ylabel("multiple-choice accuracy")
-        left.set_title("answers")
-        left.legend(frameon=False)
-        left.tick_params(axis="x", rotation=30)
-        cap = table[table["caption_clips"] > 0]
-        x = np.arange(len(cap))
-        for j, (column, colour) in enumerate((("coverage", "tab:green"), ("CHAIR_i", "tab:red"),
-                                              ("exact", "tab:gray"))):
-            right.bar(x + (j - 1) * 0.27, cap[column], 0.27, color=colour, label=column)
-        right.set_xticks(x, list(cap["method"]), rotation=30)
-        right.set_ylim(0, 1.05)
-        right.set_ylabel("fraction")
-        right.set_title("captions")
-        right.legend(frameon=False, fontsize=8)
-        fig.tight_layout()
-        return fig
+        """MC accuracy and caption coverage / CHAIR_i / exact per method; see `analyses.plots.plot_asd_cost`."""
+        return plot_asd_cost(self, baseline)
 
     # -- persistence ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "ASDCostResult", "meta": self.meta,
-                "mc": json.loads(self.mc.to_json(orient="records")),
-                "captions": json.loads(self.captions.to_json(orient="records"))}
-
-    def save(self, path: str | Path) -> Path:
-        """Write JSON."""
-        path = Path(path)
-        self.to_json(path)
-        return path
+        return {"kind": "ASDCostResult", "meta": self.meta, "mc": frame_to_records(self.mc),
+                "captions": frame_to_records(self.captions)}
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "ASDCostResult":
-        import pandas as pd
-
-        data = read_json(text_or_path, kind="ASDCostResult")
-        return cls(pd.DataFrame(data["mc"], columns=_MC_COLUMNS),
-                   pd.DataFrame(data["captions"], columns=_CAPTION_COLUMNS), dict(data.get("meta", {})))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ASDCostResult":
-        """Read a `save` file."""
-        return cls.from_json(path)
+    def from_dict(cls, data: dict[str, Any]) -> "ASDCostResult":
+        return cls(frame_from_records(data["mc"], _MC_COLUMNS), frame_from_records(data["captions"], _CAPTION_COLUMNS),
+                   dict(data.get("meta", {})))
 
 
 # ---------------------------------------------------------------------------------------

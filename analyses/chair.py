@@ -41,10 +41,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from nnsight_av.errors import InputError
 
-from .results import JsonResult, read_json
+from .plots import plot_chair
+from .results import JsonResult
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.figure import Figure
 
 __all__ = ["Vocabulary", "Mention", "CaptionChair", "ChairResult", "chair", "load_vocabulary", "example_vocabulary",
            "singular", "ASSETS"]
@@ -243,13 +245,23 @@ class ChairResult(JsonResult):
                               "hallucinated": c.hallucinated, "has_hallucination": c.has_hallucination}
                              for c in self.captions])
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def summary(self) -> "pd.DataFrame":
+        """One row: CHAIR_s, CHAIR_i, captions, mentions, hallucinated mentions."""
+        import pandas as pd
 
+        return pd.DataFrame([{"CHAIR_s": self.chair_s, "CHAIR_i": self.chair_i, "captions": len(self.captions),
+                              "mentions": self.num_mentions, "hallucinated": self.num_hallucinated,
+                              "per_mention": self.per_mention}])
+
+    def plot(self, ax: Any = None) -> "Figure":
+        """Objects named per caption, grounded vs hallucinated; see `analyses.plots.plot_chair`."""
+        return plot_chair(self, ax)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "ChairResult", **asdict(self)}
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "ChairResult":
-        data = read_json(text_or_path)
+    def from_dict(cls, data: dict[str, Any]) -> "ChairResult":
         captions = [CaptionChair(**{**c, "mentions": [Mention(**m) for m in c["mentions"]]}) for c in data["captions"]]
         return cls(data["chair_s"], data["chair_i"], captions, data["num_mentions"], data["num_hallucinated"],
                    data.get("per_mention", False))

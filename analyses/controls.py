@@ -37,12 +37,10 @@ a tracing setup finds it.
 
 from __future__ import annotations
 
-import json
 import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -53,7 +51,8 @@ from nnsight_av.errors import AdapterError, InputError, TokenSelectionError
 
 from .ablation import ablate
 from .decoding import MEDIA_FEATURES
-from .results import read_json
+from .plots import plot_length_control
+from .results import JsonResult
 from .tracing import TraceResult, causal_trace, register_token_set
 
 if TYPE_CHECKING:
@@ -451,7 +450,7 @@ def toy_length_pairs(model: "AVModel", seconds: float, n: int, seed: int = 0
 
 
 @dataclass
-class LengthControlResult:
+class LengthControlResult(JsonResult):
     """Causal-tracing effects of the same token sets on clips of several lengths.
 
     ``trace``: a `TraceResult` whose effect rows carry ``seconds`` and ``length`` (tokens);
@@ -498,8 +497,19 @@ class LengthControlResult:
                 rows.append(row)
         return pd.DataFrame(rows)
 
-    def summary(self) -> str:
-        """A few lines: per length, the sequence length and sink minus each control (IE_clean)."""
+    def to_frame(self) -> "pd.DataFrame":
+        """The tidy effects table: one row per (clip, token set, window), with ``seconds`` and ``length``."""
+        return self.trace.to_frame()
+
+    def summary(self, scale: float = 100.0) -> "pd.DataFrame":
+        """Mean effects per clip length and token set (x ``scale``): `table`. `report` has the text form."""
+        return self.table(scale)
+
+    def report(self) -> str:
+        """A few lines: per length, the sequence length and sink minus each control (IE_clean).
+
+        This was ``summary()`` before the result protocol made ``summary()`` a DataFrame.
+        """
         lines = [f"length control: {self.effects['clip'].nunique()} clips, lengths {sorted(set(self.effects['seconds']))} s, "
                  f"site {self.trace.meta.get('site')!r}"]
         table = self.table()
@@ -519,50 +529,15 @@ class LengthControlResult:
                 f"token_sets={list(dict.fromkeys(self.effects['token_set']))})")
 
     def plot(self, effect: str = "ie_clean", scale: float = 100.0, ax: Any = None) -> "Figure":
-        """Mean effect per token set against clip length, with standard errors."""
-        import matplotlib.pyplot as plt
-
-        column = {"clean": "ie_clean", "corrupt": "ie_corrupt", "IE_clean": "ie_clean",
-                  "IE_corrupt": "ie_corrupt"}.get(effect, effect)
-        if column not in ("ie_clean", "ie_corrupt"):
-            raise InputError(f"effect must be 'ie_clean' or 'ie_corrupt', got {effect!r}")
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(5.0, 3.4))
-        else:
-            fig = ax.figure
-        grouped = self.effects.groupby(["token_set", "seconds"], sort=False)[column]
-        mean, sem = grouped.mean() * scale, grouped.sem().fillna(0.0) * scale
-        for name in dict.fromkeys(self.effects["token_set"]):
-            m, s = mean.loc[name].sort_index(), sem.loc[name].sort_index()
-            ax.errorbar(m.index, m.values, yerr=s.values, marker="o", capsize=2, label=name)
-        ax.axhline(0, color="black", lw=0.6)
-        ax.set_xlabel("clip length (s)")
-        ax.set_ylabel(f"mean {column.replace('ie_', 'IE_')} x{scale:g}")
-        ax.set_title("sink vs matched random sets by clip length")
-        ax.legend(frameon=False, fontsize=8)
-        fig.tight_layout()
-        return fig
+        """Mean effect per token set against clip length; see `analyses.plots.plot_length_control`."""
+        return plot_length_control(self, effect, scale, ax)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "LengthControlResult", "meta": self.meta, "trace": json.loads(self.trace.to_json())}
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict())
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    def save(self, path: str | Path) -> Path:
-        """Write JSON."""
-        path = Path(path)
-        self.to_json(path)
-        return path
+        return {"kind": "LengthControlResult", "meta": self.meta, "trace": self.trace.to_dict()}
 
     @classmethod
-    def load(cls, path: str | Path) -> "LengthControlResult":
-        """Read a `save` file (or JSON text)."""
-        data = read_json(path, kind="LengthControlResult")
-        return cls(TraceResult.from_json(json.dumps(data["trace"])), dict(data.get("meta", {})))
+    def from_dict(cls, data: dict[str, Any]) -> "LengthControlResult":
+        return cls(TraceResult.from_dict(data["trace"]), dict(data.get("meta", {})))
 
 
 def length_control(
@@ -584,7 +559,7 @@ def length_control(
     the answer letters (default with toy clips: the toy world's ten, A-J). Each length
     runs `causal_trace` with ``token_sets`` and ``trace_kwargs`` (``site``, ``layers``,
     ``window``, ``sink_options``, ``dominant`` ...); the rows get ``seconds`` and ``length``
-    (tokens). `LengthControlResult.table` / ``.gaps()`` / ``.summary()`` / ``.plot()`` read it.
+    (tokens). `LengthControlResult.table` / ``.gaps()`` / ``.report()`` / ``.plot()`` read it.
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
@@ -30,10 +29,12 @@ from interventions.runtime.decoder import Decoder, Prefill, StopForward, data_on
 from interventions.runtime.hooks import applied
 from interventions.runtime.routing import ATTENTION_IMPLEMENTATION, AttentionHook  # noqa: F401
 
-from .results import JsonResult, read_json
+from .plots import plot_tokens
+from .results import JsonResult
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.figure import Figure
 
     from nnsight_av import AVInputs, AVModel
 
@@ -74,21 +75,20 @@ class DecodeOutput(JsonResult):
     def to_dict(self) -> dict[str, Any]:
         return {"kind": type(self).__name__, **asdict(self)}
 
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DecodeOutput":
         data = {k: v for k, v in data.items() if k != "kind"}
         return cls(**data)
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "DecodeOutput":
-        return cls.from_dict(read_json(text_or_path))
 
     def to_frame(self) -> "pd.DataFrame":
         """One row per generated token."""
         import pandas as pd
 
         return pd.DataFrame({"step": list(range(1, len(self.token_ids) + 1)), "token_id": self.token_ids})
+
+    def plot(self, tokenizer: Any = None, ax: Any = None) -> "Figure":
+        """The generated tokens in order (decoded with ``tokenizer``); see `analyses.plots.plot_tokens`."""
+        return plot_tokens(self, tokenizer, ax)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(method={self.method!r}, tokens={len(self.token_ids)}, "

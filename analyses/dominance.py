@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from nnsight_av.errors import InputError
@@ -28,7 +27,8 @@ from .clips import error_record, run_clips
 from .datasets import ClipRecord, InvalidRecord, check_dataset
 from .options import normalize_options, option_probs
 from .plots import plot_dominance
-from .store import model_identity, read_jsonl, write_jsonl
+from .results import RecordsResult
+from .store import model_identity
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -96,7 +96,7 @@ def clip_dominance(
 
 
 @dataclass
-class DominanceResult:
+class DominanceResult(RecordsResult):
     """Per-clip dominance records (as saved in the JSONL), with a pandas view and counts."""
 
     records: list[dict[str, Any]]
@@ -151,15 +151,6 @@ class DominanceResult:
 
     def __repr__(self) -> str:
         return f"DominanceResult({self.counts()})"
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write one JSON line per clip (replacing ``path`` atomically)."""
-        return write_jsonl(path, self.records)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "DominanceResult":
-        """Read a `save` / run file (bad lines skipped with a warning, the last record of each clip kept)."""
-        return cls(read_jsonl(path, key="id"))
 
 
 def dominance(

@@ -25,7 +25,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
@@ -36,11 +36,13 @@ from .decoding import fmd_generate, greedy_generate, vcd_generate
 from .chair import ChairResult, Vocabulary, as_vocabulary, chair, example_vocabulary
 from .datasets import (MAX_PROMPT_CHARS, DatasetCheck, InvalidRecord, checked_files, check_media_file, check_rates, load_media_file,
                        parse_record, read_rows)
-from .store import (OutputLock, append_jsonl, check_settings, model_identity, read_jsonl, remove_output, repair_tail,
-                    write_jsonl)
+from .plots import plot_eval
+from .results import RecordsResult
+from .store import (OutputLock, append_jsonl, check_settings, model_identity, read_jsonl, remove_output, repair_tail)
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.figure import Figure
 
     from nnsight_av import AVInputs, AVModel
 
@@ -245,7 +247,7 @@ def fell_back(row: Mapping[str, Any]) -> bool:
 
 
 @dataclass
-class EvalResult:
+class EvalResult(RecordsResult):
     """Captions of every (clip, method) pair and the CHAIR / speed table.
 
     ``records``: one dict per pair (``id``, ``method``, ``caption``, ``objects``, ``ms``,
@@ -255,6 +257,7 @@ class EvalResult:
     records: list[dict[str, Any]]
     vocabulary: Vocabulary
     path: str | None = None
+    record_key: ClassVar[Any] = staticmethod(_pair)
 
     @property
     def methods(self) -> list[str]:
@@ -323,15 +326,30 @@ class EvalResult:
         frame = pd.DataFrame(self.ok)
         return frame.pivot(index="id", columns="method", values="caption")
 
-    def save(self, path: str | Path) -> Path:
-        """Write one JSON line per pair (replacing ``path`` atomically)."""
-        return write_jsonl(path, self.records)
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per (clip, method) pair: its record (``id``, ``method``, ``caption``, ``ms`` ...; failed pairs too)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.records)
+
+    def summary(self, vocabulary: Any = None, per_mention: bool = False) -> "pd.DataFrame":
+        """The CHAIR / speed table per method: `table`."""
+        return self.table(vocabulary, per_mention)
+
+    def plot(self, ax: Any = None) -> "Figure":
+        """CHAIR_s and CHAIR_i per method; see `analyses.plots.plot_eval`."""
+        return plot_eval(self, ax)
 
     @classmethod
     def load(cls, path: str | Path, vocabulary: Any = None) -> "EvalResult":
-        """Read an `evaluate` output: bad lines skipped with a warning, one record per (clip, method) (the last)."""
+        """Read a `save` file or an `evaluate` output: bad lines skipped with a warning, one record per
+        (clip, method) (the last); ``vocabulary`` for CHAIR (default: the shipped example)."""
+        return super().load(path, vocabulary=vocabulary)
+
+    @classmethod
+    def _from_saved(cls, records: list[dict[str, Any]], path: Path, vocabulary: Any = None) -> "EvalResult":
         vocab = example_vocabulary() if vocabulary is None else as_vocabulary(vocabulary, None)
-        return cls(read_jsonl(path, key=_pair), vocab, str(path))
+        return cls(records, vocab, str(path))
 
     def _repr_html_(self) -> str:
         return self.table().to_html(index=False, float_format=lambda v: f"{v:.4f}")

@@ -14,7 +14,6 @@ their MDS in a single prefill; `modality_dominance` scores sinks you already hav
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
@@ -24,7 +23,7 @@ from jaxtyping import Float, Int
 from nnsight_av.errors import InputError, TokenSelectionError
 from nnsight_av.spans import MODALITY_CODES
 
-from .results import JsonResult, read_json
+from .results import JsonResult
 from .attention import (group_counts, row_group_ids, as_list, batch_tensors, column_attention_sums, column_sums,
                         progress_batches, run_prefill)
 from .plots import plot_mds_distribution, plot_mds_heatmap
@@ -229,10 +228,8 @@ class MDSResult(JsonResult):
                 "layers": list(self.layers), "V": self.V.tolist(), "A": self.A.tolist(), "eps": self.eps,
                 "meta": self.meta}
 
-
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "MDSResult":
-        data = read_json(text_or_path, "MDSResult")
+    def from_dict(cls, data: dict[str, Any]) -> "MDSResult":
         return cls(torch.tensor(data["positions"], dtype=torch.long), data["modality"], data["layers"],
                    torch.tensor(data["V"], dtype=torch.float32), torch.tensor(data["A"], dtype=torch.float32),
                    data["eps"], data.get("meta", {}))

@@ -22,13 +22,20 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from .asd import ASDOutput
+    from .asd_cost import ASDCostResult
+    from .chair import ChairResult
+    from .controls import LengthControlResult
+    from .decoding import DecodeOutput
     from .dominance import DominanceResult
+    from .evaluate import EvalResult
     from .mds import MDSResult
     from .sinks import SinkResult
+    from .runner import PipelineResult
     from .tracing import TraceResult
 
 __all__ = ["plot_sink_mask", "plot_mds_heatmap", "plot_mds_distribution", "plot_trace_bars", "plot_trace_heatmap",
-           "plot_dominance", "plot_asd_steps", "MODALITY_COLORS", "NotebookFigure", "figure", "no_data", "LABEL_WIDTH"]
+           "plot_dominance", "plot_asd_steps", "plot_tokens", "plot_chair", "plot_eval", "plot_length_control",
+           "plot_asd_cost", "plot_pipeline", "MODALITY_COLORS", "NotebookFigure", "figure", "no_data", "LABEL_WIDTH"]
 
 MODALITY_COLORS = {"video": "#1f77b4", "audio": "#d62728", "image": "#9467bd", "text": "#bbbbbb"}
 
@@ -361,3 +368,146 @@ def plot_asd_steps(output: "ASDOutput", tokenizer: Any = None, figsize: tuple[fl
         bottom.set_xticklabels([repr(tokenizer.decode([t]))[1:-1] for t in output.token_ids], rotation=90)
     top.set_title(f"ASD: {output.text[:70]!r}")
     return fig
+
+
+def _axes(ax: Any, width: float, height: float) -> tuple["Figure", Any]:
+    """``(figure, axes)``: a new one-panel `figure`, or ``ax`` and its figure."""
+    if ax is not None:
+        return ax.figure, ax
+    fig = figure(width, height)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def plot_tokens(output: "DecodeOutput", tokenizer: Any = None, ax: Any = None) -> "Figure":
+    """A `DecodeOutput`'s generated tokens in order, one cell each (the decoded text with ``tokenizer``, else the id).
+
+    >>> from analyses.decoding import DecodeOutput
+    >>> fig = plot_tokens(DecodeOutput("greedy", "hi", [5, 7], 3, 1.0, True))
+    >>> [t.get_text() for t in fig.axes[0].texts]
+    ['5', '7']
+    """
+    fig, ax = _axes(ax, min(1.2 + 0.55 * max(len(output.token_ids), 1), 14.0), 1.6)
+    title = f"{output.method}: {len(output.token_ids)} tokens, {output.ms_per_token:.1f} ms/token"
+    if not output.token_ids:
+        return no_data(fig, "no data: no token was generated", title, ax=ax)
+    for step, token in enumerate(output.token_ids):
+        # repr keeps control characters of odd tokens printable
+        label = repr(tokenizer.decode([token]))[1:-1] if tokenizer is not None else str(token)
+        ax.add_patch(_rectangle(step, "#dddddd" if output.finished and step == len(output.token_ids) - 1 else "#eef"))
+        ax.text(step + 0.5, 0.5, label, ha="center", va="center", fontsize=8, rotation=90 if len(label) > 4 else 0)
+    ax.set_xlim(0, len(output.token_ids))
+    ax.set_ylim(0, 1)
+    ax.set_yticks([])
+    ax.set_xlabel("generated token")
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def _rectangle(x: float, color: str) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x + 0.05, 0.1), 0.9, 0.8, color=color)
+
+
+def plot_chair(result: "ChairResult", ax: Any = None) -> "Figure":
+    """Per caption of a `ChairResult`: objects it names, split into grounded and hallucinated (stacked bars).
+
+    >>> from analyses.chair import chair
+    >>> fig = plot_chair(chair(["a dog and a cat"], [["dog"]], ["dog", "cat"]))
+    >>> [round(p.get_height()) for p in fig.axes[0].patches]
+    [1, 1]
+    """
+    fig, ax = _axes(ax, 1.6 + 0.4 * max(len(result.captions), 1), 2.8)
+    title = f"CHAIR_s {result.chair_s:.3f}, CHAIR_i {result.chair_i:.3f}"
+    if not result.captions:
+        return no_data(fig, "no data: no captions", title, ax=ax)
+    bad = np.array([len(c.hallucinated) for c in result.captions])
+    good = np.array([len(c.objects) for c in result.captions]) - bad
+    x = np.arange(len(result.captions))
+    ax.bar(x, good, color="tab:green", label="grounded")
+    ax.bar(x, bad, bottom=good, color="tab:red", label="hallucinated")
+    ax.set_xticks(x, [str(i) for i in x])
+    ax.set_xlabel("caption")
+    ax.set_ylabel("objects named")
+    ax.set_title(title, fontsize=9)
+    ax.legend(frameon=False, fontsize=8)
+    return fig
+
+
+def plot_eval(result: "EvalResult", ax: Any = None) -> "Figure":
+    """CHAIR_s and CHAIR_i per decoding method of an `EvalResult` (bars), ms per token in the labels."""
+    table = result.table()
+    fig, ax = _axes(ax, 1.6 + 1.0 * max(len(table), 1), 3.0)
+    ok = table[table["clips"] > 0]
+    if ok.empty:
+        return no_data(fig, "no data: no captioned clips", ax=ax)
+    x = np.arange(len(ok))
+    for j, (column, color) in enumerate((("CHAIR_s", "tab:orange"), ("CHAIR_i", "tab:red"))):
+        ax.bar(x + (j - 0.5) * 0.4, ok[column], 0.4, color=color, label=column)
+    ax.set_xticks(x, [f"{r.method}\n{r.ms_per_token:.0f} ms/tok" for r in ok.itertuples()])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction")
+    ax.legend(frameon=False, fontsize=8)
+    return fig
+
+
+def plot_length_control(result: "LengthControlResult", effect: str = "ie_clean", scale: float = 100.0,
+                        ax: Any = None) -> "Figure":
+    """A `LengthControlResult`: mean effect per token set against clip length, error bars ± 1 s.e.m."""
+    column = effect_column(effect)
+    fig, ax = _axes(ax, 5.0, 3.4)
+    effects = result.effects
+    if effects.empty:
+        return no_data(fig, "no data: no traced clips", ax=ax)
+    grouped = effects.groupby(["token_set", "seconds"], sort=False)[column]
+    mean, sem = grouped.mean() * scale, grouped.sem().fillna(0.0) * scale
+    for name in dict.fromkeys(effects["token_set"]):
+        m, s = mean.loc[name].sort_index(), sem.loc[name].sort_index()
+        ax.errorbar(m.index, m.values, yerr=s.values, marker="o", capsize=2, label=name)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("clip length (s)")
+    ax.set_ylabel(f"mean {column.replace('ie_', 'IE_')} x{scale:g}")
+    ax.set_title("sink vs matched random sets by clip length")
+    ax.legend(frameon=False, fontsize=8)
+    return fig
+
+
+def plot_asd_cost(result: "ASDCostResult", baseline: str = "greedy") -> "Figure":
+    """An `ASDCostResult`: left, MC accuracy per method; right, caption coverage, CHAIR_i and exact captions."""
+    table = result.table(baseline)
+    fig = figure(9.0, 3.4)
+    left, right = fig.subplots(1, 2)
+    mc = table[table["mc_clips"] > 0]
+    if mc.empty:
+        no_data(fig, "no data: no multiple-choice clips", "answers", ax=left)
+    else:
+        left.bar(mc["method"], mc["mc_accuracy"], color="tab:blue", label="accuracy")
+        left.set_ylim(0, 1.05)
+        left.set_ylabel("multiple-choice accuracy")
+        left.set_title("answers")
+        left.legend(frameon=False)
+        left.tick_params(axis="x", rotation=30)
+    cap = table[table["caption_clips"] > 0]
+    if cap.empty:
+        return no_data(fig, "no data: no caption clips", "captions", ax=right)
+    x = np.arange(len(cap))
+    for j, (column, colour) in enumerate((("coverage", "tab:green"), ("CHAIR_i", "tab:red"), ("exact", "tab:gray"))):
+        right.bar(x + (j - 1) * 0.27, cap[column], 0.27, color=colour, label=column)
+    right.set_xticks(x, list(cap["method"]), rotation=30)
+    right.set_ylim(0, 1.05)
+    right.set_ylabel("fraction")
+    right.set_title("captions")
+    right.legend(frameon=False, fontsize=8)
+    return fig
+
+
+def plot_pipeline(result: "PipelineResult") -> "Figure":
+    """A `PipelineResult`: clips per dominance label (left) and the traced clips' effects per token set (right)."""
+    trace = result.trace
+    fig = figure(9.0, 3.6)
+    left, right = fig.subplots(1, 2, width_ratios=[1, 2])
+    plot_dominance(result.dominance, ax=left)
+    left.set_title(f"{len(result.records)} clips, {len(result.errors)} failed", fontsize=9)
+    if trace is None:
+        return no_data(fig, "no data: no clip was traced (none dominant)", ax=right)
+    return plot_trace_bars(trace, ax=right)

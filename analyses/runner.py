@@ -9,10 +9,12 @@ runs are resumable and sharded by `analyses.clips.run_clips` (`ResultStore`, `sh
 from __future__ import annotations
 
 import difflib
+import json
 import operator
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
@@ -25,13 +27,19 @@ from .datasets import ClipRecord, DatasetCheck, check_dataset, max_positions
 from .dominance import DominanceResult, dominance_label
 from .mds import sink_analysis
 from .options import on_device
-from .sink_config import SinkConfig
+from .sink_config import SINK_SHORTCUTS, SinkConfig
 from .sinks import resolve_sink_dims
-from .store import model_identity, require_finite  # noqa: F401 - model_identity: old import path
+from .plots import plot_pipeline
+from .results import RecordsResult
+from .store import model_identity  # noqa: F401 - old import path
+from .store import replace_text, require_finite, settings_path
 from .tracing import (METHODS, TOKEN_SETS, PatchRunner, TraceResult, canonical_site, make_windows,
                       registered_token_sets, resolve_token_sets, trace_clip)
 
 if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
     from nnsight_av import AVModel
 
 __all__ = ["ResultStore", "shard_info", "shard_path", "run_clips", "merge_shards", "analyze_clip", "trace_dataset",
@@ -227,8 +235,13 @@ def pipeline_sinks(model: "AVModel", clean: Any, config: PipelineConfig) -> tupl
 
 
 @dataclass
-class PipelineResult:
-    """The records of a `trace_dataset` run, with the traced clips as a `TraceResult`."""
+class PipelineResult(RecordsResult):
+    """The records of a `trace_dataset` run, with the traced clips as a `TraceResult`.
+
+    ``config``: the settings (`PipelineConfig.to_dict`); `save` writes it beside the records
+    (``<path>.settings.json``, where a `trace_dataset` output keeps its settings), so `load` of
+    a run file reads the run's settings too.
+    """
 
     records: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
@@ -246,13 +259,49 @@ class PipelineResult:
     def errors(self) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("status") == "error"]
 
-    def summary(self) -> dict[str, Any]:
+    def facts(self) -> dict[str, Any]:
+        """The headline numbers as a dict: clips, errors, dominance counts and the trace table (x100).
+
+        This was ``summary()`` before the result protocol made ``summary()`` a DataFrame.
+        """
         trace = self.trace
         table = trace.table() if trace is not None else None
         return {"clips": len(self.records), "errors": len(self.errors),
                 "dominance": self.dominance.counts(),
                 "table_x100": {k: {c: float(v) for c, v in row.items()} for k, row in table.iterrows()}
                 if table is not None else {}}
+
+    def summary(self) -> "pd.DataFrame":
+        """One row: clips, failed clips, clips per dominance label and traced clips (`facts` has the trace table)."""
+        import pandas as pd
+
+        counts = self.dominance.counts()
+        return pd.DataFrame([{"clips": len(self.records), "errors": len(self.errors),
+                              **{label: n for label, n in counts.items() if label != "error"},
+                              "traced": sum(bool(r.get("trace")) for r in self.records)}])
+
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per clip: its dominance columns (`DominanceResult.to_frame`), sinks kept per modality, traced."""
+        frame = self.dominance.to_frame()
+        for modality in ("video", "audio"):
+            frame[f"{modality}_sinks"] = [len((r.get("sinks") or {}).get(modality) or []) for r in self.records]
+        frame["traced"] = [bool(r.get("trace")) for r in self.records]
+        return frame
+
+    def plot(self) -> "Figure":
+        """Dominance counts and the traced clips' effects; see `analyses.plots.plot_pipeline`."""
+        return plot_pipeline(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """One JSON line per clip, and ``config`` in ``<path>.settings.json``."""
+        path = super().save(path)
+        replace_text(settings_path(path), json.dumps(self.config, indent=1, sort_keys=True))
+        return path
+
+    @classmethod
+    def _from_saved(cls, records: list[dict[str, Any]], path: Path) -> "PipelineResult":
+        sidecar = settings_path(path)
+        return cls(records, json.loads(sidecar.read_text()) if sidecar.exists() else {})
 
 
 def trace_dataset(
@@ -279,10 +328,15 @@ def trace_dataset(
     ``overwrite=True`` (which starts it again).
     """
     config = config or PipelineConfig()
+    if "sinks" in overrides:
+        # the flat shortcuts hold the old config's values and would win over the new one; given ones still do
+        for name in SINK_SHORTCUTS:
+            setattr(config, name, None)
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise InputError(f"unknown pipeline setting {key!r}; known: {sorted(config.__dict__)}")
         setattr(config, key, value)
+    config._sync_sinks()
     config.validate_for(model)
     records = check_dataset(dataset, model).records
     done = run_clips(records, lambda rec: analyze_clip(model, rec, config), out, rank=rank, world_size=world_size,

@@ -12,18 +12,22 @@ dataset pipeline (`PipelineConfig.sinks`) and the CLI. Defaults follow METHOD.md
 - ``split_rule``: "rank" (the authors' halves by MDS, our default) or "sign" (MDS threshold 0);
 - ``criterion``: how a score becomes "sink or not" (`analyses.sinks.SINK_CRITERIA`: "phi", the
   paper's rule, or "magnitude" for small models); ``None`` takes the adapter's.
+
+Each field's ``metadata`` holds its ``help`` (and, for a ``None`` default, what ``None``
+means: ``unset``); the command line builds its sink options from them
+(`nnsight_av.app.sink_options`), so a setting and its default are written once.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
 from nnsight_av.errors import InputError
 
 from .sinks import SINK_CRITERIA
 
-__all__ = ["SinkConfig", "ASD_SINKS", "SPLIT_RULES"]
+__all__ = ["SinkConfig", "ASD_SINKS", "SPLIT_RULES", "SINK_SHORTCUTS"]
 
 SPLIT_RULES = ("rank", "sign")
 
@@ -38,12 +42,18 @@ class SinkConfig:
     20.0
     """
 
-    dims: tuple[int, ...] | None = None
-    tau: float | None = None
-    k_divide: float = 2.0
-    k: int | None = None
-    split_rule: str = "rank"
-    criterion: str | None = None
+    dims: tuple[int, ...] | None = field(default=None, metadata={
+        "help": "sink dimensions (channels of the residual stream)", "unset": "the adapter's known ones"})
+    tau: float | None = field(default=None, metadata={
+        "help": "sink threshold on the sink score", "unset": "the adapter's (25 for 7B-size models)"})
+    k_divide: float = field(default=2.0, metadata={"help": "N in K = int(T / N) global sinks"})
+    k: int | None = field(default=None, metadata={
+        "help": "an explicit number of global sinks K instead of int(T / N)", "unset": "int(T / N)"})
+    split_rule: str = field(default="rank", metadata={
+        "help": "how MDS splits sinks into cross-modal / unimodal: 'rank' (halves by MDS, the authors') or "
+                "'sign' (MDS threshold 0)"})
+    criterion: str | None = field(default=None, metadata={
+        "help": "sink criterion: 'phi' (the paper's) or 'magnitude' (small models)", "unset": "the adapter's"})
 
     def __post_init__(self) -> None:
         if self.dims is not None:
@@ -91,3 +101,6 @@ class SinkConfig:
 
 #: ASD's sinks: N = 3 (METHOD.md section 6), where causal tracing uses N = 2 (section 5).
 ASD_SINKS = SinkConfig(k_divide=3.0)
+
+#: The flat sink fields of `ASDConfig` and `PipelineConfig` (shortcuts that override their ``sinks``).
+SINK_SHORTCUTS = ("k_divide", "sink_dims", "tau", "split_rule", "criterion")

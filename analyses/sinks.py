@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -29,7 +28,7 @@ from jaxtyping import Bool, Float, Int
 from nnsight_av.errors import AdapterError, InputError
 from nnsight_av.spans import MODALITY_CODES
 
-from .results import JsonResult, read_json
+from .results import JsonResult
 from .attention import as_list, progress_batches, run_prefill
 from .plots import plot_sink_mask
 
@@ -382,10 +381,8 @@ class SinkResult(JsonResult):
                 "layers": list(self.layers), "dims": list(self.dims), "tau": self.tau, "k_divide": self.k_divide,
                 "modality": self.modality, "k": self.k, "meta": self.meta, "criterion": self.criterion}
 
-
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "SinkResult":
-        data = read_json(text_or_path, "SinkResult")
+    def from_dict(cls, data: dict[str, Any]) -> "SinkResult":
         return cls(torch.tensor(data["scores"], dtype=torch.float32).reshape(len(data["layers"]), -1),
                    data["layers"], data["dims"], data["tau"], data["k_divide"], data["modality"], data["k"],
                    data.get("meta", {}), data.get("criterion", "phi"))

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from nnsight_av.errors import InputError
 
 from .plots import plot_trace_bars, plot_trace_heatmap
+from .results import JsonResult, plain
 from .store import read_jsonl, write_jsonl
 
 if TYPE_CHECKING:
@@ -37,7 +36,7 @@ def _clip_key(record: Mapping[str, Any]) -> str:
 
 
 @dataclass
-class TraceResult:
+class TraceResult(JsonResult):
     """Indirect effects per clip, token set and layer window (a tidy table), with per-clip context.
 
     ``effects``: one row per (clip, token set, window) with ``n_tokens``, ``ie_clean``,
@@ -115,7 +114,7 @@ class TraceResult:
         for clip, rows in self.effects.groupby("clip", sort=False):
             body = rows.drop(columns=["clip"]).to_dict(orient="records")
             records.append({"kind": "TraceClip", "clip": str(clip), "info": self.clips.get(str(clip), {}),
-                            "meta": self.meta, "rows": [_plain(r) for r in body]})
+                            "meta": self.meta, "rows": [plain(r) for r in body]})
         return records
 
     @classmethod
@@ -139,20 +138,11 @@ class TraceResult:
                                                                if c not in EFFECT_COLUMNS])
         return cls(frame, clips, meta)
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps({"kind": "TraceResult", "version": 1, "records": self.to_records(), "meta": self.meta})
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "TraceResult", "version": 1, "records": self.to_records(), "meta": self.meta}
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "TraceResult":
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text).read_text()
-        data = json.loads(text)
-        if data.get("kind") != "TraceResult":
-            raise InputError("this JSON does not hold a TraceResult")
+    def from_dict(cls, data: dict[str, Any]) -> "TraceResult":
         result = cls.from_records(data["records"])
         result.meta = dict(data.get("meta", result.meta))
         return result
@@ -161,10 +151,8 @@ class TraceResult:
         """Write JSON (``.json``) or one line per clip (``.jsonl``)."""
         path = Path(path)
         if path.suffix == ".jsonl":
-            write_jsonl(path, self.to_records())
-        else:
-            self.to_json(path)
-        return path
+            return write_jsonl(path, self.to_records())
+        return super().save(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "TraceResult":
@@ -176,7 +164,7 @@ class TraceResult:
         path = Path(path)
         if path.suffix == ".jsonl":
             return cls.from_records(read_jsonl(path, key=_clip_key))
-        return cls.from_json(path)
+        return super().load(path)
 
     @classmethod
     def concat(cls, results: Sequence["TraceResult"]) -> "TraceResult":
@@ -189,18 +177,6 @@ class TraceResult:
         for r in results:
             clips.update(r.clips)
         return cls(pd.concat([r.effects for r in results], ignore_index=True), clips, dict(results[0].meta))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if torch.is_tensor(value):
-        return _plain(value.tolist())
-    return value
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:

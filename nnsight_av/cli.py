@@ -18,6 +18,9 @@ from typing import Any, Iterator, Optional
 
 import typer
 
+from analyses.sink_config import ASD_SINKS, SINK_SHORTCUTS, SinkConfig
+
+from .app.sink_options import SinkOptions, option_name, sink_options
 from .demo import DEMO_CAPTIONS, DEMO_CLIPS, DEMO_MAX_NEW_TOKENS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -77,16 +80,6 @@ def _load(model: str, device: str) -> Any:
     return load_model(model, device)
 
 
-def _ints(text: str, what: str) -> list[int] | None:
-    from .errors import InputError
-
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise InputError(f"{what} must be comma-separated ints, got {text!r}") from None
-    return values or None
-
-
 @app.command()
 def demo(
     model: str = typer.Option("default", help="'default' (smol-omni, fetched on first use; toy-omni when it cannot "
@@ -131,7 +124,12 @@ _MODEL_HELP = ("'toy-omni' (default: the shipped trained model), 'smol-omni', 't
                "checkpoint folder / hub id 'org/name'")
 
 
+#: Why ASD's sink defaults differ from causal tracing's (shown in ``caption-eval --help``).
+_ASD_SINKS_WHY = "ASD's default N = 3, the clean prefill of METHOD.md section 6; tracing uses N = 2"
+
+
 @app.command("caption-eval")
+@sink_options(ASD_SINKS, _ASD_SINKS_WHY, errors=_errors)
 def caption_eval(
     dataset: Path = typer.Argument(..., help="JSON/JSONL clips: id, video, audio, prompt, objects"),
     out: Path = typer.Option(Path("captions.jsonl"), help="captions, one JSON line per (clip, method); resumed"),
@@ -146,10 +144,12 @@ def caption_eval(
                                    help="start the output again (its records are deleted) instead of resuming it"),
     device: str = typer.Option("cpu"),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
+    sinks: SinkOptions = None,
 ) -> None:
     """Caption clips with each decoding method; print CHAIR_s, CHAIR_i and ms/token per method.
 
-    Exit code 3 when some (clip, method) pairs failed (their error lines are in the output)."""
+    The sink options set ASD's sinks (over a config in --method-kwargs). Exit code 3 when some
+    (clip, method) pairs failed (their error lines are in the output)."""
     import json
 
     from analyses.chair import as_vocabulary
@@ -166,6 +166,7 @@ def caption_eval(
                 kwargs = json.loads(method_kwargs.read_text())
             except (OSError, ValueError) as error:
                 raise InputError(f"--method-kwargs {str(method_kwargs)!r}: {error}") from None
+        kwargs = _asd_sinks(kwargs, sinks, names)
         names = check_eval_settings(names, kwargs, max_new_tokens, limit)
         if vocabulary is not None:
             as_vocabulary(vocabulary, None)
@@ -186,7 +187,32 @@ def caption_eval(
             raise typer.Exit(EXIT_CLIPS_FAILED)
 
 
+def _asd_sinks(kwargs: Optional[dict], sinks: SinkOptions, methods: list[str]) -> Optional[dict]:
+    """``method_kwargs`` with the sink options given applied to ASD's config (its own sink settings under them)."""
+    from dataclasses import replace
+
+    from analyses.asd_config import ASDConfig
+
+    from .errors import InputError
+
+    if not sinks.given or not isinstance(kwargs, (dict, type(None))):
+        return kwargs                                    # a bad --method-kwargs: check_eval_settings says why
+    if "asd" not in methods:
+        raise InputError(f"{', '.join(option_name(k) for k in sinks.given)} set ASD's sinks, but asd is not in "
+                         f"--methods {','.join(methods)}")
+    kwargs = dict(kwargs or {})
+    asd = dict(kwargs.get("asd") or {})
+    config = asd.get("config") or {}
+    if not isinstance(config, dict):
+        raise InputError(f"--method-kwargs: asd's config must be a dict of ASDConfig fields, got {config!r}")
+    config = ASDConfig.from_dict(config)
+    config = replace(config, sinks=config.sinks.with_(**sinks.given), **dict.fromkeys(SINK_SHORTCUTS))
+    kwargs["asd"] = {**asd, "config": config.to_dict()}
+    return kwargs
+
+
 @app.command("trace")
+@sink_options(SinkConfig(), errors=_errors)
 def trace_command(
     dataset: Path = typer.Argument(..., help="clip records (.json / .jsonl), see docs/dataset-format.md"),
     model: Optional[str] = typer.Option(None, help=_MODEL_HELP),
@@ -199,9 +225,6 @@ def trace_command(
     method: str = typer.Option("exact", help="exact, naive or attribution"),
     ablation: str = typer.Option("raw", help="raw (black frames / silence) or encoder (zeroed encoder outputs)"),
     correctness: bool = typer.Option(False, help="a dominant clip must also answer correctly with both modalities"),
-    k_divide: float = typer.Option(2.0, help="N in K = int(T / N) global sinks"),
-    sink_dims: str = typer.Option("", help="comma-separated sink dimensions (default: the adapter's, or found)"),
-    tau: Optional[float] = typer.Option(None, help="sink threshold (default: the adapter's)"),
     seed: int = typer.Option(0, help="seed of the random token sets"),
     batch_size: int = typer.Option(4, min=1, help="patched conditions per forward"),
     retry_errors: bool = typer.Option(False, help="recompute clips saved with an error"),
@@ -211,6 +234,7 @@ def trace_command(
                                                             "next record (default 3600)"),
     device: str = typer.Option("cpu", help="cpu or cuda (under torchrun each rank takes cuda:LOCAL_RANK)"),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
+    sinks: SinkOptions = None,
 ) -> None:
     """Sinks + MDS, av/a/v dominance and causal tracing over a clip data set (resumable; shards under torchrun).
 
@@ -227,8 +251,7 @@ def trace_command(
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         config = PipelineConfig(token_sets=tuple(s.strip() for s in token_sets.split(",") if s.strip()), site=site,
                                 window=window or None, method=method, ablation=ablation, correctness=correctness,
-                                k_divide=k_divide, tau=tau, seed=seed, batch_size=batch_size,
-                                sink_dims=_ints(sink_dims, "--sink-dims")).validate()
+                                seed=seed, batch_size=batch_size, sinks=sinks.config).validate()
         check = check_dataset(dataset)
         rank, world = shard_info()
         if check.invalid and rank == 0:
@@ -238,7 +261,7 @@ def trace_command(
                                wait_timeout=wait_timeout)
         if rank != 0:
             return
-        summary = result.summary()
+        summary = result.facts()
         summary_path = out.with_name(out.stem + ".summary.json")
         replace_text(summary_path, json.dumps({"config": result.config, **summary}, indent=1))
         typer.echo(f"clips: {summary['clips']}  errors: {summary['errors']}  dominance: {summary['dominance']}")

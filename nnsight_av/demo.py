@@ -160,16 +160,17 @@ def run_demo(model: str = "default", out: Path | str = "nnsight_av_report", clip
     # Two clips are enough to see a massive channel (it is on every input's first token); each is a forward.
     found = analyses.find_sink_dims(m, examples[:2], progress=progress)
     dims = found or list(m.adapter.known_sink_dims() or [])
-    analysis = analyses.sink_analysis(m, examples, dims=dims or None, k_divide=2, progress=progress)
+    sink_config = analyses.SinkConfig(dims=dims or None)      # METHOD.md's tracing defaults (N = 2, rank split)
+    analysis = analyses.sink_analysis(m, examples, progress=progress, **sink_config.search_kwargs())
     sinks = [a[0] for a in analysis]
     mds = [a[1] for a in analysis]
-    splits = [s.split("rank") for s in mds]
+    splits = [s.split(sink_config.split_rule) for s in mds]
     mds_summary = analyses.mds_summary(mds) if hasattr(analyses, "mds_summary") else None
     t = lap("sinks_mds", t)
 
     # 2. dominance and causal tracing (sections 4-5), resumable JSONL in the report folder
     pipeline = _fresh_if_changed(lambda overwrite: analyses.trace_dataset(
-        m, records, out / "trace.jsonl", progress=progress, token_sets=TOKEN_SETS, sink_dims=dims or None,
+        m, records, out / "trace.jsonl", progress=progress, token_sets=TOKEN_SETS, sinks=sink_config,
         overwrite=overwrite))
     counts = pipeline.dominance.counts()
     trace = pipeline.trace

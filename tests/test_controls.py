@@ -214,7 +214,7 @@ def test_length_control_table(tiny, tmp_path):
     assert table.loc[(2.0, "all"), "IE_clean"] == 0.0
     gaps = res.gaps()
     assert set(gaps["control"]) == {"random", "random_chunk"} and set(gaps["seconds"]) == {2.0, 4.0}
-    assert "2 s" in res.summary() and "4 s" in res.summary()
+    assert "2 s" in res.report() and "4 s" in res.report() and res.summary().equals(table)
     path = res.save(tmp_path / "length.json")
     again = LengthControlResult.load(path)
     assert again.table().equals(table)
@@ -299,7 +299,7 @@ def test_asd_cost_end_to_end(tiny, toy_mc, tmp_path):
     assert int(((changes["method"] == "guided") & (changes["kind"] == "wrong_letter")
                 & (changes["direction"] == "introduced")).sum()) == flips
     assert table.loc["guided", "answers_broken"] == flips
-    assert "note: ASD's first-token strength s_1 is 0" in res.summary()
+    assert "note: ASD's first-token strength s_1 is 0" in res.report() and res.summary().equals(res.table())
     again = ASDCostResult.load(res.save(tmp_path / "cost.json"))
     assert again.table().equals(res.table()) and again.captions["covered"].tolist() == res.captions["covered"].tolist()
     fig = res.plot()

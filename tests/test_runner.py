@@ -127,7 +127,7 @@ def test_crash_and_resume_gives_the_uninterrupted_result(sharp, tmp_path, monkey
     assert resumed.records == whole.records
     table = TraceResult.load(out).table()
     assert set(table.index) == {"all", "sink", "random", "cross_modal_sink"}
-    assert resumed.summary()["dominance"]["error"] == 2
+    assert resumed.facts()["dominance"]["error"] == 2 and resumed.summary()["errors"].item() == 2
 
 
 def test_in_process_shards_merge_to_the_single_run(tmp_path):

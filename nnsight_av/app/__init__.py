@@ -1,0 +1,1 @@
+"""The application layer's helpers (command line, demo): they may use every other layer."""
