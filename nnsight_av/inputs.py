@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .adapters.media_plan import PLAN_KEY, MediaPlan
 from .errors import InputError, MediaError
 from .media import load_audio, load_image, load_video
 from .spans import MODALITY_CODES, Spans
@@ -32,6 +33,8 @@ def move_data(data: dict[str, Any], device: str | torch.device, dtype: torch.dty
     (torch.bfloat16, torch.float32)
     """
     def move(key: str, value: Any) -> Any:
+        if isinstance(value, MediaPlan):
+            return value.to(device)
         if not torch.is_tensor(value):
             return value
         if dtype is not None and value.is_floating_point() and key not in EXACT_KEYS:
@@ -230,4 +233,8 @@ def prepare_request(model: "AVModel", request: MediaRequest) -> AVInputs:
     rope = adapter.position_ids(data)
     if rope is not None:
         data["position_ids"] = rope[0]
+    # So are the encoders' index tensors: no forward has to read them off the device.
+    plan = adapter.forward_plan(data)
+    if plan is not None:
+        data[PLAN_KEY] = plan
     return AVInputs(data=data, spans=spans, request=request, prompt_text=prompt_text, adapter=adapter.name)

@@ -308,7 +308,7 @@ class AVModel(Remotable):
                              "(or prepare the new prompt)")
         if generating and torch.is_tensor(positions) and "attention_mask" in batch:
             batch["position_ids"] = self.adapter.generation_position_ids(batch["position_ids"], batch["attention_mask"])
-        return (), {**batch, **extra}
+        return (), self.adapter.forward_inputs({**batch, **extra}, generating)
 
     @property
     def padding_offsets(self) -> list[int]:

@@ -266,6 +266,24 @@ class Adapter:
         """The form of cached ``position_ids`` that the model's ``generate`` expects (here: unchanged)."""
         return position_ids
 
+    # -- forward inputs ----------------------------------------------------------
+    def forward_plan(self, data: Mapping[str, Any]) -> Any:
+        """What the forward of processor outputs ``data`` would derive from device data, computed once.
+
+        `prepare` stores a non-None result in ``data["media_plan"]`` (moved by `AVInputs.to`) so
+        no forward reads device tensors on the host (see `nnsight_av.adapters.media_plan`). The
+        default has none.
+        """
+        return None
+
+    def forward_inputs(self, kwargs: dict[str, Any], generating: bool = False) -> dict[str, Any]:
+        """The keyword arguments one traced forward (or ``generate``) passes to the module, from the batch's.
+
+        Adapters drop or replace what the model would otherwise check on the host; the default
+        passes them unchanged.
+        """
+        return kwargs
+
     # -- loading ---------------------------------------------------------------
     @classmethod
     def load_module(cls, path: str, **hf_kwargs: Any) -> torch.nn.Module:
