@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .adapters.media_plan import PLAN_KEY, MediaPlan
 from .errors import InputError, MediaError
 from .media import load_audio, load_image, load_video
 from .spans import MODALITY_CODES, Spans
@@ -33,8 +32,6 @@ def move_data(data: dict[str, Any], device: str | torch.device, dtype: torch.dty
     (torch.bfloat16, torch.float32)
     """
     def move(key: str, value: Any) -> Any:
-        if isinstance(value, MediaPlan):
-            return value.to(device)
         if not torch.is_tensor(value):
             return value
         if dtype is not None and value.is_floating_point() and key not in EXACT_KEYS:
@@ -69,7 +66,9 @@ class AVInputs:
     multimodal rope, the ``position_ids`` computed once at preparation (every forward
     passes them, so the model never recomputes them); ``spans`` the named token
     positions, ``request`` the decoded media it came from, ``prompt_text`` the
-    rendered chat prompt. Pass it to ``model.trace(ex)`` or ``tracer.invoke(ex)``.
+    rendered chat prompt; ``plan`` what the adapter computed once so that a traced
+    forward never reads device data on the host (`Adapter.forward_plan`; None when it
+    has none). Pass it to ``model.trace(ex)`` or ``tracer.invoke(ex)``.
     """
 
     data: dict[str, Any]
@@ -77,6 +76,7 @@ class AVInputs:
     request: MediaRequest
     prompt_text: str
     adapter: str
+    plan: Any = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -104,9 +104,10 @@ class AVInputs:
         """A copy with the tensors on ``device`` (float features cast to ``dtype`` if given).
 
         Moving once up front saves the host-to-device copy of pixel/mel features on every trace.
-        The cached ``position_ids`` move too and keep their dtype.
+        The cached ``position_ids`` move too and keep their dtype; so do the plan's index tensors.
         """
-        return replace(self, data=move_data(self.data, device, dtype))
+        plan = self.plan.to(device) if self.plan is not None else None
+        return replace(self, data=move_data(self.data, device, dtype), plan=plan)
 
     def layout(self) -> str:
         """One character per token: V video, A audio, I image, . text."""
@@ -234,7 +235,5 @@ def prepare_request(model: "AVModel", request: MediaRequest) -> AVInputs:
     if rope is not None:
         data["position_ids"] = rope[0]
     # So are the encoders' index tensors: no forward has to read them off the device.
-    plan = adapter.forward_plan(data)
-    if plan is not None:
-        data[PLAN_KEY] = plan
-    return AVInputs(data=data, spans=spans, request=request, prompt_text=prompt_text, adapter=adapter.name)
+    return AVInputs(data=data, spans=spans, request=request, prompt_text=prompt_text, adapter=adapter.name,
+                    plan=adapter.forward_plan(data))

@@ -10,7 +10,8 @@ has drained: a forward then costs host time + GPU time instead of about the larg
 All of it depends only on the processor's shapes (feature-mask lengths, ``*_grid_thw``), which
 never change for a prepared input. `plan_media` computes it once on the host, with
 transformers' own helper functions (so the tensors are equal to what the forward would
-compute); `AVInputs.to(device)` moves the index tensors with the input; and
+compute); it rides along as ``AVInputs.plan``, `AVInputs.to(device)` moves its index
+tensors with the input, and a trace passes it to the forward under `PLAN_KEY`; and
 `install_plan_paths` gives the thinker instance ``get_audio_features`` /
 ``get_image_features`` / ``get_video_features`` / ``get_placeholder_mask`` that use a plan
 passed in the forward's keyword arguments (under `PLAN_KEY`) and fall back to transformers'
@@ -29,10 +30,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .base import PLAN_KEY
+
 __all__ = ["PLAN_KEY", "HOST_WORK", "AudioPlan", "VisionPlan", "MediaPlan", "plan_media", "collate_plans", "install_plan_paths"]
 
-#: Key of the plan in ``AVInputs.data`` and in the forward's keyword arguments.
-PLAN_KEY = "media_plan"
 _MODALITIES = ("image", "video", "audio")
 
 
@@ -101,6 +102,7 @@ class VisionPlan:
     max_window_seqlen: int
     split_sizes: tuple[int, ...]
     tokens: int
+    patches: int
     device_fields = ("position_ids", "window_index", "cu_seqlens_device", "cu_window_seqlens_device")
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "VisionPlan":
@@ -136,6 +138,21 @@ class MediaPlan:
         """A copy with the index tensors on ``device`` (host-side lengths stay on the host)."""
         return replace(self, **{k: getattr(self, k).to(device, non_blocking)
                                 for k in ("audio", "image", "video") if getattr(self, k) is not None})
+
+    def fits(self, kwargs: Mapping[str, Any]) -> bool:
+        """Whether forward arguments ``kwargs`` have the shapes this plan was made for (host metadata only)."""
+        ids = kwargs.get("input_ids")
+        if ids is None or ids.shape[-1] != self.tokens:
+            return False
+        features = kwargs.get("input_features")
+        if (features is None) != (self.audio is None) or (
+                features is not None and tuple(features.shape[::2]) != tuple(self.audio.masks.shape)):
+            return False
+        for part, key in ((self.image, "pixel_values"), (self.video, "pixel_values_videos")):
+            pixels = kwargs.get(key)
+            if (pixels is None) != (part is None) or (pixels is not None and pixels.shape[0] != part.patches):
+                return False
+        return True
 
     def host_tensors(self) -> list[torch.Tensor]:
         """The tensors that stay on the host by design (packed-sequence lengths the encoders read in Python)."""
@@ -200,7 +217,8 @@ def plan_vision(grid: torch.Tensor, vision_config: Any) -> VisionPlan:
     return VisionPlan(grid=grid, position_ids=get_vision_position_ids(grid, merge), window_index=window_index,
                       cu_seqlens=cu_seqlens, cu_window_seqlens=cu_window, cu_seqlens_device=cu_seqlens.clone(),
                       cu_window_seqlens_device=cu_window.clone(), max_seqlen=longest(cu_seqlens),
-                      max_window_seqlen=longest(cu_window), split_sizes=sizes, tokens=sum(sizes))
+                      max_window_seqlen=longest(cu_window), split_sizes=sizes, tokens=sum(sizes),
+                      patches=int(grid.prod(-1).sum()))
 
 
 def plan_media(config: Any, data: Mapping[str, Any], token_ids: Mapping[str, int]) -> MediaPlan | None:

@@ -166,20 +166,27 @@ class Qwen25OmniAdapter(Adapter):
         plan = kwargs.get(PLAN_KEY)
         if plan is None:
             return kwargs
-        ids = kwargs.get("input_ids")
-        if not isinstance(plan, MediaPlan) or ids is None or plan.tokens != ids.shape[-1]:
-            # Made for another prompt (input_ids edited after prepare): let the model derive everything.
+        if generating or not (isinstance(plan, MediaPlan) and plan.fits(kwargs)):
+            # generate() rejects keyword arguments its forward does not name; a plan made for other
+            # inputs (edited after prepare) must not be used: the model derives everything itself.
             return {k: v for k, v in kwargs.items() if k != PLAN_KEY}
         mask = kwargs.get("attention_mask")
         if (generating or not torch.is_tensor(kwargs.get("position_ids")) or kwargs.get("past_key_values") is not None
                 or not torch.is_tensor(mask) or mask.dim() != 2):
             return kwargs
         # transformers' SDPA mask code asks the host whether the 2-D mask has padding (a read of
-        # device data); the plan knows. The rope ids are cached, so nothing else reads the mask.
-        if plan.full_mask:
+        # device data), its eager one copies a host scalar to the device; the plan knows the
+        # padding, so the mask is passed ready-made. The rope ids are cached: nothing else reads it.
+        implementation = str(getattr(self.text_config, "_attn_implementation", None) or "sdpa")
+        if plan.full_mask and implementation != "eager":
             return {k: v for k, v in kwargs.items() if k != "attention_mask"}
-        if str(getattr(self.text_config, "_attn_implementation", "sdpa") or "sdpa") == "sdpa":
+        if implementation == "sdpa":
             return {**kwargs, "attention_mask": padded_causal_mask(mask)}
+        if implementation == "eager":
+            dtype = self.module.dtype
+            allowed = padded_causal_mask(mask)
+            additive = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+            return {**kwargs, "attention_mask": additive.masked_fill_(~allowed, torch.finfo(dtype).min)}
         return kwargs
 
     # -- loading -----------------------------------------------------------------
