@@ -298,9 +298,10 @@ def install_plan_paths(thinker: torch.nn.Module) -> bool:
     """Give ``thinker`` (a Qwen2.5-Omni thinker instance) encoder paths that use a `MediaPlan`.
 
     Idempotent; returns False (and changes nothing) when transformers cannot take precomputed
-    encoder inputs. Without a plan in the keyword arguments every method is transformers' own.
+    encoder inputs or ``thinker`` is not a Qwen2.5-Omni thinker. Without a plan in the keyword arguments every method is transformers' own.
     """
-    if _helpers() is None or not hasattr(thinker, "get_placeholder_mask"):
+    modeling = _helpers()
+    if modeling is None or not isinstance(thinker, modeling.Qwen2_5OmniThinkerForConditionalGeneration):
         return False
     if thinker.__dict__.get("_media_plan_paths"):
         return True

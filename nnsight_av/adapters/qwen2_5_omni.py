@@ -86,6 +86,8 @@ class Qwen25OmniAdapter(Adapter):
         "vision_bos": ("vision_start_token_id",),
         "vision_eos": ("vision_end_token_id",),
     }
+    #: Whether prepared inputs carry a `media_plan.MediaPlan` (the Qwen2.5-Omni thinker's encoders).
+    plans_media: bool = True
     sink_dims = {3584: [458, 2570]}
     sink_tau = {3584: 25.0}
     default_system = (
@@ -96,7 +98,7 @@ class Qwen25OmniAdapter(Adapter):
     def __init__(self, module: torch.nn.Module, processor: Any = None) -> None:
         super().__init__(module, processor)
         # The thinker's encoder paths take a prepared input's media plan (no host reads of device data).
-        install_plan_paths(module)
+        self.plans_media = self.plans_media and install_plan_paths(module)
 
     def token_id(self, role: str) -> int:
         # Checkpoints saved before transformers 4.52 left the vision boundary ids off the thinker config.
@@ -160,6 +162,8 @@ class Qwen25OmniAdapter(Adapter):
     # -- forward inputs -------------------------------------------------------------
     def forward_plan(self, data: Mapping[str, Any]) -> MediaPlan | None:
         """The encoders' index tensors and lengths for ``data``, computed once (`media_plan.plan_media`)."""
+        if not self.plans_media:
+            return None
         return plan_media(self.config, data, {m: self.token_id(m) for m in ("audio", "image", "video")})
 
     def forward_inputs(self, kwargs: dict[str, Any], generating: bool = False) -> dict[str, Any]:
