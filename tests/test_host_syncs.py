@@ -150,6 +150,18 @@ def test_plan_moves_index_tensors_and_keeps_lengths_on_the_host(prepared):
     assert ex.plan.device == torch.device("cpu")          # the original is untouched
 
 
+def test_a_plan_elsewhere_follows_the_model(model, prepared, monkeypatch):
+    ex = prepared["images_and_audio"]
+    # As if prepared for another device (no second device here): the plan reports one.
+    monkeypatch.setattr(MediaPlan, "device", property(lambda self: torch.device("meta")))
+    kwargs = model.adapter.forward_inputs({**ex.data, PLAN_KEY: ex.plan})
+    assert kwargs[PLAN_KEY] is not ex.plan
+    assert kwargs[PLAN_KEY].audio.valid_indices.device == torch.device("cpu")
+    with torch.inference_mode(), model.trace(ex, use_cache=False):
+        logits = model.logits.save()
+    assert torch.equal(logits, transformers_logits(model, ex.data))
+
+
 def test_a_plan_for_other_inputs_is_not_used(model, prepared):
     ex = prepared["audio_in_video"]
     kwargs = {**ex.data, PLAN_KEY: ex.plan}

@@ -125,7 +125,9 @@ class MediaPlan:
     """Everything a prepared input's forward would otherwise derive from device data.
 
     ``tokens``: the prompt length it was made for; ``full_mask``: the attention mask is all
-    ones (then the forward can leave it out and SDPA runs causal without checking it).
+    ones (then the forward can leave it out and SDPA runs causal without checking it). It is
+    made from the feature masks and grids: after editing those (not the features or pixels,
+    which it does not read), prepare again or drop it (``dataclasses.replace(ex, plan=None)``).
     """
 
     tokens: int

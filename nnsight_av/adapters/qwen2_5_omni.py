@@ -174,6 +174,10 @@ class Qwen25OmniAdapter(Adapter):
             # generate() rejects keyword arguments its forward does not name; a plan made for other
             # inputs (edited after prepare) must not be used: the model derives everything itself.
             return {k: v for k, v in kwargs.items() if k != PLAN_KEY}
+        device = next(self.module.parameters()).device
+        if plan.device is not None and plan.device != device:
+            # Inputs not moved up front: nnsight moves the tensors to the model, the plan goes with them.
+            kwargs = {**kwargs, PLAN_KEY: plan.to(device, non_blocking=True)}
         mask = kwargs.get("attention_mask")
         if (generating or not torch.is_tensor(kwargs.get("position_ids")) or kwargs.get("past_key_values") is not None
                 or not torch.is_tensor(mask) or mask.dim() != 2):
