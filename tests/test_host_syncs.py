@@ -178,3 +178,30 @@ def test_generate_with_a_planned_input_matches_transformers(model, prepared):
     with model.generate(ex, max_new_tokens=3, do_sample=False) as tracer:
         tokens = tracer.result.save()
     assert torch.equal(tokens, model._module.generate(**ex.data, max_new_tokens=3, do_sample=False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: counts the synchronising CUDA calls")
+@pytest.mark.parametrize("layout", ["audio_in_video", "images_and_audio"])
+def test_gpu_trace_makes_no_synchronising_cuda_call(layout):
+    import warnings
+
+    model = nav.testing.tiny_model(seed=0)
+    model._module.to("cuda")
+    ex = model.prepare(**LAYOUTS[layout]).to("cuda")
+
+    def trace():
+        with torch.inference_mode(), model.trace(ex, use_cache=False):
+            return model.logits.save()
+
+    expected = trace()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught, watch_syncs(device_only=True) as syncs:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            logits = trace()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    cuda_syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert not cuda_syncs and syncs.count == 0, (cuda_syncs[:3], syncs.summary())
+    assert torch.equal(logits, expected)
