@@ -1,4 +1,4 @@
-"""Cached M-RoPE position ids: one ~1.6k-token forward with and without them, round-robin in one process.
+"""Cached M-RoPE position ids and media plan: one ~1.6k-token forward with and without them, round-robin.
 
     python benchmarks/bench_rope.py                          # H200: full-size Qwen2.5-Omni-7B thinker, bf16
     python benchmarks/bench_rope.py --small --device cpu     # smoke test
@@ -11,10 +11,18 @@ device synchronised after the call) and ``host_ms`` (median time until the call 
 before that synchronisation: the host's share, which on a GPU overlaps the kernels). The
 index alone is timed too: transformers' ``get_rope_index`` on the device tensors vs the
 adapter's vectorised one on the prepared (host) tensors, moved to the device.
+
+``planned`` / ``trace_cached`` also pass the prepared input's media plan (issue 17 item 4:
+no host<->device sync in the forward); ``trace_unplanned`` is the trace without it. For
+these, ``gpu`` is the GPU-busy time of one call from torch.profiler and
+``wall_over_gpu_busy`` the goal's ratio (<= 1.15); ``cuda_syncs`` counts synchronising CUDA
+calls (``torch.cuda.set_sync_debug_mode``) and ``host_syncs`` what `nav.testing.watch_syncs`
+sees (on a CPU: the ops that would wait on a GPU), with the call sites of the first ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -24,7 +32,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import av_input, full_size_model, interleaved, parser, report  # noqa: E402
+from common import av_input, cuda_syncs, full_size_model, gpu_busy, interleaved, parser, report  # noqa: E402
+
+from nnsight_av.adapters.base import PLAN_KEY  # noqa: E402
+from nnsight_av.testing import watch_syncs  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -83,18 +94,39 @@ def main() -> None:
             positions, _ = model.adapter.position_ids(prepared.data)
             positions.to(args.device, non_blocking=True)
 
+        # What a trace passes to the module: the plan, and no all-ones attention mask.
+        planned = model.adapter.forward_inputs({**cached, PLAN_KEY: ex.plan})
         calls = {"forward_uncached": forward(plain), "forward_cached": forward(cached),
-                 "trace_uncached": traced(plain), "trace_cached": traced(ex)}
+                 "forward_planned": forward(planned), "trace_uncached": traced(plain),
+                 "trace_unplanned": traced(dataclasses.replace(ex, plan=None)), "trace_cached": traced(ex)}
         wall = interleaved(calls, repeat=args.repeat)
         host = host_times(calls, args.device, args.repeat)
         index = interleaved({"hf_get_rope_index": hf_index, "vectorised_index": our_index}, repeat=args.repeat)
         run = {"tokens": len(ex), "wall": wall, "host_ms": host, "rope_index": index}
+        measured = ("forward_cached", "forward_planned", "trace_unplanned", "trace_cached")
+        busy = {name: gpu_busy(calls[name]) for name in measured}
+        if all(busy.values()):
+            run["gpu"] = busy
+            run["wall_over_gpu_busy"] = {name: wall[name]["ms"] / busy[name]["busy_ms"] for name in measured}
+        run["cuda_syncs"] = {name: cuda_syncs(calls[name]) for name in measured}
+        run["host_syncs"] = {}
+        host_side = ex.plan.host_tensors() if ex.plan is not None else []
+        for name in measured:
+            with watch_syncs(device_only=args.device != "cpu", host=host_side) as syncs:
+                calls[name]()
+            run["host_syncs"][name] = {"count": syncs.count, "sites": syncs.summary(limit=6).splitlines()[1:]}
         for kind in ("forward", "trace"):
             run[f"{kind}_cached_over_uncached"] = wall[f"{kind}_cached"]["ms"] / wall[f"{kind}_uncached"]["ms"]
             run[f"{kind}_saved_ms"] = wall[f"{kind}_uncached"]["ms"] - wall[f"{kind}_cached"]["ms"]
         run["index_speedup"] = index["hf_get_rope_index"]["ms"] / index["vectorised_index"]["ms"]
         results["runs"].append(run)
     report(results, args.out)
+    for run in results["runs"]:
+        syncs = {name: value["count"] for name, value in run["host_syncs"].items()}
+        print(f"{run['tokens']} tokens: host syncs {syncs}; CUDA syncs {run['cuda_syncs']}")
+        for name, ratio in run.get("wall_over_gpu_busy", {}).items():
+            print(f"  {name}: wall {run['wall'][name]['ms']:.1f} ms / GPU busy {run['gpu'][name]['busy_ms']:.1f} ms "
+                  f"= {ratio:.2f} (goal <= 1.15)")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,59 @@ def interleaved(calls: dict[str, Callable[[], Any]], repeat: int = 5, warmup: in
             for name, fn in calls.items()}
 
 
+def gpu_busy(fn: Callable[[], Any], repeat: int = 3) -> dict[str, float] | None:
+    """GPU time of one call of ``fn`` from torch.profiler (medians over ``repeat`` calls; None without CUDA).
+
+    ``busy_ms``: the union of the intervals in which a kernel or copy ran (what the device did);
+    ``span_ms``: first device activity to last; ``kernel_ms``: the kernels' summed durations.
+    """
+    if not torch.cuda.is_available():
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    busy, span, kernels = [], [], []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        intervals = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                           if e.device_type == DeviceType.CUDA)
+        if not intervals:
+            return None
+        total, (start, end) = 0.0, intervals[0]
+        for a, b in intervals[1:]:
+            if a > end:
+                total += end - start
+                start, end = a, b
+            else:
+                end = max(end, b)
+        total += end - start
+        busy.append(total / 1000)
+        span.append((max(b for _, b in intervals) - intervals[0][0]) / 1000)
+        kernels.append(sum(b - a for a, b in intervals) / 1000)
+    return {"busy_ms": float(np.median(busy)), "span_ms": float(np.median(span)),
+            "kernel_ms": float(np.median(kernels))}
+
+
+def cuda_syncs(fn: Callable[[], Any]) -> int | None:
+    """How many synchronising CUDA calls one call of ``fn`` makes (``torch.cuda.set_sync_debug_mode``)."""
+    if not torch.cuda.is_available():
+        return None
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -66,7 +66,9 @@ class AVInputs:
     multimodal rope, the ``position_ids`` computed once at preparation (every forward
     passes them, so the model never recomputes them); ``spans`` the named token
     positions, ``request`` the decoded media it came from, ``prompt_text`` the
-    rendered chat prompt. Pass it to ``model.trace(ex)`` or ``tracer.invoke(ex)``.
+    rendered chat prompt; ``plan`` what the adapter computed once so that a traced
+    forward never reads device data on the host (`Adapter.forward_plan`; None when it
+    has none). Pass it to ``model.trace(ex)`` or ``tracer.invoke(ex)``.
     """
 
     data: dict[str, Any]
@@ -74,6 +76,7 @@ class AVInputs:
     request: MediaRequest
     prompt_text: str
     adapter: str
+    plan: Any = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -101,9 +104,10 @@ class AVInputs:
         """A copy with the tensors on ``device`` (float features cast to ``dtype`` if given).
 
         Moving once up front saves the host-to-device copy of pixel/mel features on every trace.
-        The cached ``position_ids`` move too and keep their dtype.
+        The cached ``position_ids`` move too and keep their dtype; so do the plan's index tensors.
         """
-        return replace(self, data=move_data(self.data, device, dtype))
+        plan = self.plan.to(device) if self.plan is not None else None
+        return replace(self, data=move_data(self.data, device, dtype), plan=plan)
 
     def layout(self) -> str:
         """One character per token: V video, A audio, I image, . text."""
@@ -230,4 +234,6 @@ def prepare_request(model: "AVModel", request: MediaRequest) -> AVInputs:
     rope = adapter.position_ids(data)
     if rope is not None:
         data["position_ids"] = rope[0]
-    return AVInputs(data=data, spans=spans, request=request, prompt_text=prompt_text, adapter=adapter.name)
+    # So are the encoders' index tensors: no forward has to read them off the device.
+    return AVInputs(data=data, spans=spans, request=request, prompt_text=prompt_text, adapter=adapter.name,
+                    plan=adapter.forward_plan(data))

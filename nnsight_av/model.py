@@ -17,7 +17,7 @@ import torch
 from nnsight.intervention.envoy import Envoy, traceable
 from nnsight.modeling.mixins.remotable import Remotable
 
-from .adapters.base import Adapter, get_module
+from .adapters.base import PLAN_KEY, Adapter, get_module
 from .errors import AdapterError, InputError, LayerIndexError
 from .inputs import AVInputs, MediaRequest, prepare, prepare_request
 
@@ -284,7 +284,7 @@ class AVModel(Remotable):
                 continue
             data = inputs[0]
             if isinstance(data, AVInputs):
-                items.append(data.data)
+                items.append(data.data if data.plan is None else {**data.data, PLAN_KEY: data.plan})
             elif isinstance(data, dict):
                 items.append(data)
             else:
@@ -308,7 +308,7 @@ class AVModel(Remotable):
                              "(or prepare the new prompt)")
         if generating and torch.is_tensor(positions) and "attention_mask" in batch:
             batch["position_ids"] = self.adapter.generation_position_ids(batch["position_ids"], batch["attention_mask"])
-        return (), {**batch, **extra}
+        return (), self.adapter.forward_inputs({**batch, **extra}, generating)
 
     @property
     def padding_offsets(self) -> list[int]:

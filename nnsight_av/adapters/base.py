@@ -16,6 +16,8 @@ import torch
 from ..errors import AdapterError
 from ..spans import LayoutTokens, MediaLayout, Spans, parse_spans
 
+#: Key under which a prepared input's `Adapter.forward_plan` rides in the forward's keyword arguments.
+PLAN_KEY = "media_plan"
 #: Module roles every adapter resolves, with what each must be.
 MODEL_ROLES = ("embed", "layers", "final_norm", "lm_head", "audio_encoder", "vision_encoder", "rotary")
 #: Roles an adapter may add: the modules that map encoder features into the LM's embedding space.
@@ -265,6 +267,24 @@ class Adapter:
     def generation_position_ids(self, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The form of cached ``position_ids`` that the model's ``generate`` expects (here: unchanged)."""
         return position_ids
+
+    # -- forward inputs ----------------------------------------------------------
+    def forward_plan(self, data: Mapping[str, Any]) -> Any:
+        """What the forward of processor outputs ``data`` would derive from device data, computed once.
+
+        `prepare` keeps it as ``AVInputs.plan`` (moved by `AVInputs.to`); a traced forward passes
+        it to the module under `PLAN_KEY`, so no forward reads device tensors on the host (see
+        `nnsight_av.adapters.media_plan`). The default has none.
+        """
+        return None
+
+    def forward_inputs(self, kwargs: dict[str, Any], generating: bool = False) -> dict[str, Any]:
+        """The keyword arguments one traced forward (or ``generate``) passes to the module, from the batch's.
+
+        Adapters drop or replace what the model would otherwise check on the host; the default
+        passes them unchanged, less a plan (`PLAN_KEY`) it has no use for.
+        """
+        return {k: v for k, v in kwargs.items() if k != PLAN_KEY} if PLAN_KEY in kwargs else kwargs
 
     # -- loading ---------------------------------------------------------------
     @classmethod

@@ -8,6 +8,7 @@ import torch
 
 from ..spans import MediaLayout
 from .base import Adapter, register_adapter
+from .media_plan import PLAN_KEY, MediaPlan, collate_plans, install_plan_paths, plan_media
 from .mrope import RopeConfig, collate_positions, generation_positions, rope_index
 
 #: The ChatML layout the Qwen-Omni processors render, written for our tiny processors;
@@ -47,6 +48,19 @@ def pad_cat(tensors: list[torch.Tensor], dim: int, value: float | int = 0) -> to
     return torch.cat(padded, dim=0)
 
 
+def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The boolean ``[B, 1, T, T]`` mask SDPA gets for a padded 2-D ``attention_mask``: causal and not padding.
+
+    >>> padded_causal_mask(torch.tensor([[1, 1, 0]]))[0, 0].int()
+    tensor([[1, 0, 0],
+            [1, 1, 0],
+            [1, 1, 0]], dtype=torch.int32)
+    """
+    length = attention_mask.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]
+
+
 @register_adapter
 class Qwen25OmniAdapter(Adapter):
     """Qwen2.5-Omni 3B/7B thinker (transformers' ``Qwen2_5OmniThinkerForConditionalGeneration``)."""
@@ -72,12 +86,19 @@ class Qwen25OmniAdapter(Adapter):
         "vision_bos": ("vision_start_token_id",),
         "vision_eos": ("vision_end_token_id",),
     }
+    #: Whether prepared inputs carry a `media_plan.MediaPlan` (the Qwen2.5-Omni thinker's encoders).
+    plans_media: bool = True
     sink_dims = {3584: [458, 2570]}
     sink_tau = {3584: 25.0}
     default_system = (
         "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
         "auditory and visual inputs, as well as generating text and speech."
     )
+
+    def __init__(self, module: torch.nn.Module, processor: Any = None) -> None:
+        super().__init__(module, processor)
+        # The thinker's encoder paths take a prepared input's media plan (no host reads of device data).
+        self.plans_media = self.plans_media and install_plan_paths(module)
 
     def token_id(self, role: str) -> int:
         # Checkpoints saved before transformers 4.52 left the vision boundary ids off the thinker config.
@@ -138,6 +159,44 @@ class Qwen25OmniAdapter(Adapter):
         # The thinker's generate keeps a text-position row above the three rope rows and extends all four.
         return generation_positions(position_ids, attention_mask) if position_ids.shape[0] == 3 else position_ids
 
+    # -- forward inputs -------------------------------------------------------------
+    def forward_plan(self, data: Mapping[str, Any]) -> MediaPlan | None:
+        """The encoders' index tensors and lengths for ``data``, computed once (`media_plan.plan_media`)."""
+        if not self.plans_media:
+            return None
+        return plan_media(self.config, data, {m: self.token_id(m) for m in ("audio", "image", "video")})
+
+    def forward_inputs(self, kwargs: dict[str, Any], generating: bool = False) -> dict[str, Any]:
+        plan = kwargs.get(PLAN_KEY)
+        if plan is None:
+            return kwargs
+        if generating or not (isinstance(plan, MediaPlan) and plan.fits(kwargs)):
+            # generate() rejects keyword arguments its forward does not name; a plan made for other
+            # inputs (edited after prepare) must not be used: the model derives everything itself.
+            return {k: v for k, v in kwargs.items() if k != PLAN_KEY}
+        device = next(self.module.parameters()).device
+        if plan.device is not None and plan.device != device:
+            # Inputs not moved up front: nnsight moves the tensors to the model, the plan goes with them.
+            kwargs = {**kwargs, PLAN_KEY: plan.to(device, non_blocking=True)}
+        mask = kwargs.get("attention_mask")
+        if (generating or not torch.is_tensor(kwargs.get("position_ids")) or kwargs.get("past_key_values") is not None
+                or not torch.is_tensor(mask) or mask.dim() != 2):
+            return kwargs
+        # transformers' SDPA mask code asks the host whether the 2-D mask has padding (a read of
+        # device data), its eager one copies a host scalar to the device; the plan knows the
+        # padding, so the mask is passed ready-made. The rope ids are cached: nothing else reads it.
+        implementation = str(getattr(self.text_config, "_attn_implementation", None) or "sdpa")
+        if plan.full_mask and implementation != "eager":
+            return {k: v for k, v in kwargs.items() if k != "attention_mask"}
+        if implementation == "sdpa":
+            return {**kwargs, "attention_mask": padded_causal_mask(mask)}
+        if implementation == "eager":
+            dtype = self.module.dtype
+            allowed = padded_causal_mask(mask)
+            additive = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+            return {**kwargs, "attention_mask": additive.masked_fill_(~allowed, torch.finfo(dtype).min)}
+        return kwargs
+
     # -- loading -----------------------------------------------------------------
     @classmethod
     def load_module(cls, path: str, **hf_kwargs: Any) -> torch.nn.Module:
@@ -186,4 +245,7 @@ class Qwen25OmniAdapter(Adapter):
         positions = self.collate_position_ids(items, padding_side)
         if positions is not None:
             out["position_ids"] = positions
+        plan = collate_plans([item.get(PLAN_KEY) for item in items], self.config, longest, len(set(lengths)) > 1)
+        if plan is not None:
+            out[PLAN_KEY] = plan
         return out

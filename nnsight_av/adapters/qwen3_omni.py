@@ -115,6 +115,8 @@ class Qwen3OmniAdapter(Qwen25OmniAdapter):
     sink_dims: dict[int, list[int]] = {}
     sink_tau: dict[int, float] = {}
     default_system = None
+    #: Its encoders compute their own layout differently; no media plan for them yet.
+    plans_media = False
 
     def token_id(self, role: str) -> int:
         # The released thinker config names only some boundary ids; the tokenizer knows them all.
