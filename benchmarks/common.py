@@ -79,7 +79,7 @@ def av_input(model: "nav.AVModel", tokens: int = 1700, seed: int = 0,
     Duration grows with the budget (10 s at 1.7k tokens); the frame size sets the video share.
     """
     seconds = max(2, int(round(10 * tokens / 1700 / 2)) * 2)
-    audio_tokens = 25 * seconds
+    audio_tokens = 25 * min(seconds, 30)      # the audio feature extractor keeps the first 30 s
     video_per_patch = max(4, int((tokens - audio_tokens - 40) / (seconds / 1.0)))  # one temporal patch per second
     # merged tokens per patch = (h/28) * (w/28); pick a near-square grid
     side = max(2, int(np.sqrt(video_per_patch)))
