@@ -183,7 +183,7 @@ def test_continuation_from_cache_equals_full_forward(sharp, pair):
     for start in (0, 2, 3):
         for first in (0, int(corrupt.spans.video[0]), len(corrupt) - 5):
             cond = Condition("x", torch.arange(first, len(corrupt)), tuple(range(start, sharp.num_layers)))
-            with torch.no_grad(), runner._patch_hooks(cond.layers):
+            with torch.no_grad():
                 logits = runner._run_batch(as_clean, record, [cond])
             assert torch.allclose(logits[0], full, atol=1e-5), (start, first)
 
