@@ -32,7 +32,7 @@ their split are still taken from the plain clean run.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import torch
@@ -42,7 +42,8 @@ from interventions.base import Compose, as_intervention
 from interventions.cache import ActivationCache, layout_signature
 from interventions.primitives import Patch
 from interventions.runtime.hooks import applied, gradients_from, observed
-from interventions.runtime.kv_cache import KVRecorder, PrefixKV, ScatterKV, cache_in_layers, recording, resume
+from interventions.runtime.kv_cache import (KVRecorder, LayerRecord, PrefixKV, ScatterKV, cache_in_layers,
+                                            recording, resume)
 from interventions.site import ALIASES, Site, canonical_role
 from nnsight_av.errors import InputError
 
@@ -99,16 +100,14 @@ class CleanRecord:
 
 
 @dataclass
-class CorruptRecord:
-    """The corrupted run, cached so a patched condition can start at any layer and position."""
+class CorruptRecord(LayerRecord):
+    """The corrupted run, recorded so a patched condition can resume at any layer and position.
 
-    probs: Float[torch.Tensor, "option"]
-    length: int
-    resid: dict[int, torch.Tensor]                    # layer -> input of that layer [1, T, hidden]
-    keys: dict[Any, torch.Tensor]                     # attention layer_idx -> post-rotary keys [1, kv, T, d]
-    values: dict[Any, torch.Tensor]
-    kwargs: list[dict[str, Any]]                      # keyword arguments the model passed to each layer
-    deltas: list[torch.Tensor | None]                 # input(l + 1) - output(l), when the model adds something
+    A `LayerRecord` (length, residual stream, keys/values, layer keyword arguments, deltas)
+    with the run's letter ``probs`` and its inputs ``item`` (build it with keywords).
+    """
+
+    probs: Float[torch.Tensor, "option"] | None = None
     item: Any = None
 
 
@@ -250,8 +249,8 @@ class PatchRunner:
         with self.extra(item), torch.no_grad(), recording(self.layers, starts) as recorder:
             logits = self._forward(item, extra=False)
         record = recorder.record(len(item))
-        return CorruptRecord(self.probs(logits), record.length, record.resid, record.keys, record.values,
-                             record.kwargs, record.deltas, item)
+        return CorruptRecord(**{f.name: getattr(record, f.name) for f in fields(record)}, probs=self.probs(logits),
+                             item=item)
 
     # -- patched continuation -------------------------------------------------------------
     def _source(self, clean: CleanRecord, corrupt: CorruptRecord) -> ActivationCache:

@@ -5,11 +5,13 @@
   processor again, so the token ids and positions are unchanged. This is an *input-level
   transform*, not an activation edit: it changes what the encoders see, so it is applied to
   the inputs (`blank_request`, `blank_inputs`) before any forward, on either runtime.
-- At the embeddings (the option METHOD.md welcomes): the modality's tokens enter the decoder
-  as zero vectors, which is what zeroing the encoder's output gives (the merged embedding of
-  a media token is the encoder's feature for it). This *is* an activation edit, the `Zero`
-  primitive on the modality's span at the input of layer 0 (`zero_modalities`), so it runs
-  on both runtimes and composes with other interventions.
+- At the embeddings (the option METHOD.md welcomes, "zero the encoder outputs"): the
+  modality's tokens enter the decoder as zero vectors. This *is* an activation edit, the
+  `Zero` primitive on the modality's span at the input of layer 0 (`zero_modalities`), so it
+  runs on both runtimes and composes with other interventions. For Qwen-Omni, whose encoder
+  output (vision merger and audio projection included) is merged as it is, it equals zeroing
+  the encoder's output; a SALMONN-style model projects after its encoder, where zeroing the
+  encoder's output would leave ``projector(0)`` (a constant, not nothing) in the embeddings.
 
 >>> zero_modalities("audio").to_dict()["site"], zero_modalities(["video", "audio"]).site.tokens
 ('resid_pre', ('audio', 'video'))
@@ -85,8 +87,9 @@ def check_same_layout(a: AVInputs, b: AVInputs, what: str = "the two inputs") ->
 def zero_modalities(modality: str | Sequence[str]) -> Zero:
     """`Zero` on ``modality``'s tokens at the input of layer 0: the modality enters the decoder as zero vectors.
 
-    Equal to zeroing the encoder's output (tests check both on every adapter of
-    ``nav.testing``); an input without tokens of the modality is left alone.
+    Equal to zeroing the encoder's output where the adapter's encoder output is merged as it
+    is (Qwen-Omni; see the module docstring for projectors after the encoder); an input
+    without tokens of the modality is left alone.
     """
     names = removable_modalities(modality)
     return Zero(site="resid_pre", layers=0, tokens=names[0] if len(names) == 1 else names, allow_empty=True)

@@ -39,7 +39,7 @@ from ..attention_edits import apply_attention_edits
 from ..base import Intervention, as_intervention, normalize_sets
 from ..context import ApplyContext
 from ..engine import Op, first_tensor, past_length, with_first
-from .kv_cache import query_positions
+from .kv_cache import query_positions, removing
 from .routing import AttentionHook, route_attention
 
 try:
@@ -241,11 +241,8 @@ def observed(model: "AVModel", point: str, layers: Sequence[int],
             def after(mod, args, out, layer=layer):
                 fn(layer, first_tensor(out))
             handles.append(module.register_forward_hook(after, prepend=True))
-    try:
+    with removing(handles):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -266,9 +263,8 @@ def gradients_from(model: "AVModel", layer: int = 0) -> Iterator[None]:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
-    handle = model.raw("layer", layer).register_forward_pre_hook(start, with_kwargs=True, prepend=True)
     try:
-        yield
+        with removing([model.raw("layer", layer).register_forward_pre_hook(start, with_kwargs=True, prepend=True)]):
+            yield
     finally:
-        handle.remove()
         torch.set_grad_enabled(previous)

@@ -29,7 +29,7 @@ import torch
 from nnsight_av.errors import InputError
 
 __all__ = ["KVRecorder", "PrefixKV", "ScatterKV", "LayerRecord", "LayerRecorder", "recording", "cache_in_layers",
-           "resume", "query_positions", "first_output"]
+           "resume", "query_positions", "first_output", "removing"]
 
 
 def first_output(out: Any) -> torch.Tensor:
@@ -108,7 +108,8 @@ def query_positions(kwargs: Mapping[str, Any]) -> torch.Tensor | None:
 
 
 @contextmanager
-def _removing(handles: list) -> Iterator[None]:
+def removing(handles: list) -> Iterator[None]:
+    """Within the block, the hooks of ``handles`` stay registered; they are removed when it ends."""
     try:
         yield
     finally:
@@ -122,7 +123,7 @@ def cache_in_layers(layers: Sequence[torch.nn.Module], cache: Any) -> Iterator[N
     def pre(mod, args, kwargs):
         return args, {**kwargs, "past_key_values": cache}
 
-    with _removing([layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in layers]):
+    with removing([layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in layers]):
         yield
 
 
@@ -199,7 +200,7 @@ def recording(layers: Sequence[torch.nn.Module], starts: Sequence[int] | None = 
     of a layer's input belongs to the recorded input (they must run first).
     """
     recorder = LayerRecorder(layers, starts)
-    with _removing(recorder.hooks()):
+    with removing(recorder.hooks()):
         yield recorder
 
 
