@@ -7,7 +7,7 @@ from .plots import plot_mds_distribution, plot_mds_heatmap, plot_sink_mask
 from .sinks import SinkResult, find_sink_dims, find_sinks, first_token_phi, phi, resolve_sink_dims
 from .sinks import SINK_CRITERIA, select_global_sinks, sink_mask, sink_scores
 from .sink_config import ASD_SINKS, SinkConfig
-from .ablation import EncoderAblatedInputs, ablate, encoder_edit
+from .ablation import EncoderAblatedInputs, ablate, ablation_intervention, encoder_edit
 from .options import letter_probs, option_probs, option_token_ids
 from .dominance import DominanceResult, clip_dominance, dominance, dominance_label
 from .tracing import DEFAULT_TOKEN_SETS, SITES, TOKEN_SETS, PatchRunner, TraceResult, causal_trace, rank_agreement

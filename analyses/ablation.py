@@ -1,10 +1,13 @@
 """Removing one modality from a clip while keeping its token layout (METHOD.md section 4).
 
-``method="raw"`` (default, the paper's): black frames of the same size / digital silence
-of the same length go through the processor again, so the token ids and positions are
-unchanged (checked). ``method="encoder"``: the clip is left as it is and the packed
-output of the modality's encoder is zeroed inside the forward (an nnsight edit), so that
-modality's token embeddings are exactly zero.
+Both ways live with the intervention primitives (`interventions.modality`); this module is
+the analyses' entry point. ``method="raw"`` (default, the paper's): black frames of the same
+size / digital silence of the same length go through the processor again (an input-level
+transform), so the token ids and positions are unchanged (checked). ``method="encoder"``: the
+clip is left as it is and marked (`EncoderAblatedInputs`); every forward the analyses run
+applies `ablation_intervention` to it, the `Zero` primitive on the modality's tokens at the
+input of layer 0, so that modality's token embeddings are exactly zero (what zeroing the
+encoder's output gives).
 """
 
 from __future__ import annotations
@@ -13,29 +16,32 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
-from nnsight_av.errors import InputError, SpanError
+from nnsight_av.errors import InputError
 from nnsight_av.inputs import AVInputs, MediaRequest
 from nnsight_av.spans import AV_MODALITIES
+
+from interventions.base import Intervention
+from interventions.modality import blank_inputs, blank_request, check_same_layout, removable_modalities, \
+    zero_modalities
 
 if TYPE_CHECKING:
     from nnsight_av import AVModel
 
-__all__ = ["ablate", "EncoderAblatedInputs", "encoder_edit", "zeroed_of", "check_same_layout", "MODALITIES",
-           "ABLATION_METHODS"]
+__all__ = ["ablate", "EncoderAblatedInputs", "encoder_edit", "zeroed_of", "ablation_intervention",
+           "check_same_layout", "MODALITIES", "ABLATION_METHODS"]
 
 MODALITIES = AV_MODALITIES  # the removable ones (old name, kept)
 ABLATION_METHODS = ("raw", "encoder")
-_ENCODER_ROLE = {"audio": "audio_encoder", "video": "vision_encoder"}
 
 
 @dataclass
 class EncoderAblatedInputs(AVInputs):
     """`AVInputs` whose ``zeroed`` modalities get their encoder outputs zeroed in the forward.
 
-    The analyses (`option_probs`, `causal_trace`, `dominance`) apply the edit themselves;
-    in your own trace call ``encoder_edit(model, ex)`` first thing inside it.
+    The analyses (`option_probs`, `causal_trace`, `dominance`) apply `ablation_intervention`
+    themselves; in your own trace call ``encoder_edit(model, ex)`` first thing inside it, or
+    pass ``ablation_intervention(ex)`` to ``interventions.run`` / ``applied``.
     """
 
     zeroed: tuple[str, ...] = ()
@@ -49,22 +55,14 @@ def zeroed_of(item: Any) -> tuple[str, ...]:
     return tuple(getattr(item, "zeroed", ()) or ())
 
 
-def _modalities(modality: str | Sequence[str]) -> list[str]:
-    names = [modality] if isinstance(modality, str) else list(modality)
-    bad = [m for m in names if m not in MODALITIES]
-    if bad or not names:
-        raise InputError(f"modality must be 'audio' or 'video' (or a list of them), got {modality!r}")
-    return names
+def ablation_intervention(item: Any) -> Intervention | None:
+    """The intervention every forward of ``item`` applies: `zero_modalities` of its zeroed modalities (or None).
 
-
-def _ablate_request(request: MediaRequest, names: list[str]) -> MediaRequest:
-    changes: dict[str, Any] = {}
-    for name in names:
-        value = request.video if name == "video" else request.audio
-        if value is None:
-            raise InputError(f"cannot remove {name}: this clip has no {name}")
-        changes[name] = np.zeros_like(value)
-    return request.with_media(**changes)
+    >>> ablation_intervention(object()) is None
+    True
+    """
+    zeroed = zeroed_of(item)
+    return zero_modalities(zeroed) if zeroed else None
 
 
 def _ablate_media(media: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
@@ -78,16 +76,6 @@ def _ablate_media(media: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
                              "decode it first (nnsight_av.media.load_video / load_audio) or pass AVInputs")
         out[name] = np.zeros_like(np.asarray(value))
     return out
-
-
-def check_same_layout(a: AVInputs, b: AVInputs, what: str = "the two inputs") -> None:
-    """Raise `SpanError` unless ``a`` and ``b`` have identical token ids (hence identical positions)."""
-    ia, ib = a.input_ids.reshape(-1).cpu(), b.input_ids.reshape(-1).cpu()
-    if ia.shape != ib.shape or not torch.equal(ia, ib):
-        where = "lengths differ" if ia.shape != ib.shape else \
-            f"first difference at position {int((ia != ib).nonzero()[0])}"
-        raise SpanError(f"{what} have different token layouts ({len(ia)} vs {len(ib)} tokens, {where}); "
-                        "an ablation or a clean/corrupt pair must keep every token in place")
 
 
 def ablate(
@@ -110,7 +98,7 @@ def ablate(
     >>> float(media["audio"].max()), int(media["video"].min())
     (0.0, 1)
     """
-    names = _modalities(modality)
+    names = removable_modalities(modality)
     if method not in ABLATION_METHODS:
         raise InputError(f"method must be one of {ABLATION_METHODS}, got {method!r}")
     if isinstance(inputs_or_media, AVInputs):
@@ -128,13 +116,11 @@ def ablate(
             raise InputError("raw ablation runs the processor again: pass model=")
         if zeroed_of(item):
             raise InputError("this input already has encoder-zeroed modalities; ablate the original input instead")
-        out = model.prepare_request(_ablate_request(item.request, names))
-        check_same_layout(item, out, f"the clip and its {'+'.join(names)}-removed version")
-        return out
+        return blank_inputs(model, item, names)
     if method == "encoder":
         raise InputError("encoder ablation needs prepared inputs (AVInputs): model.prepare(...) first")
     if isinstance(inputs_or_media, MediaRequest):
-        request = _ablate_request(inputs_or_media, names)
+        request = blank_request(inputs_or_media, names)
         return model.prepare_request(request) if model is not None else request
     if isinstance(inputs_or_media, Mapping):
         return _ablate_media(inputs_or_media, names)
@@ -142,16 +128,12 @@ def ablate(
 
 
 def encoder_edit(model: "AVModel", item: Any, offsets: Mapping[str, int] | None = None) -> None:
-    """Inside a trace (or invoke): zero ``item``'s share of the packed encoder outputs it marks.
+    """Inside a trace (or invoke): remove ``item``'s zeroed modalities (`ablation_intervention`, applied there).
 
-    Encoder outputs have no batch dimension (every input's tokens are packed in order),
-    so ``offsets[modality]`` says where this input's tokens start: the count of that
-    modality's tokens in the inputs before it in the batch (0 for a single input).
+    Call it first thing in the invoke, before reading any layer. ``offsets`` (where this
+    input's tokens started in the packed encoder outputs of a batch) is no longer needed: the
+    intervention finds its invoke's rows itself; it is accepted for old calls.
     """
-    for name in sorted(zeroed_of(item), key=lambda m: 0 if m == "audio" else 1):  # execution order
-        role = _ENCODER_ROLE[name]
-        envoy = getattr(model, role)
-        tokens = model.adapter.encoder_tokens(role, envoy.output)
-        start = int((offsets or {}).get(name, 0))
-        count = int(getattr(item.spans, name).numel())
-        tokens[start:start + count] = 0
+    iv = ablation_intervention(item)
+    if iv is not None:
+        iv.apply(model, item)

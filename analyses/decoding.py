@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 import torch
 
-from nnsight_av.errors import InputError, LayerIndexError, SpanError
+from nnsight_av.errors import InputError, LayerIndexError
 from nnsight_av.inputs import AVInputs
 
 from interventions.attention_edits import boosted_attention  # noqa: F401  (re-exported)
+from interventions.modality import blank_inputs
 from interventions.runtime.decoder import Decoder, Prefill, StopForward, data_on, sync_device  # noqa: F401
 from interventions.runtime.hooks import applied
 from interventions.runtime.routing import ATTENTION_IMPLEMENTATION, AttentionHook  # noqa: F401
@@ -278,24 +279,13 @@ def blank_modality(model: "AVModel", inputs: "AVInputs", modality: str) -> "AVIn
     """The same clip with ``modality`` blanked at the raw input: black frames or digital silence.
 
     Frame count and size, and audio length, are kept, so the token layout is identical
-    (checked: a `SpanError` if the processor gives other tokens).
+    (checked: a `SpanError` if the processor gives other tokens). The transform is
+    `interventions.modality.blank_inputs`, the one `analyses.ablate` uses.
     """
     ex = as_inputs(model, inputs)
-    request = ex.request
-    if modality == "video":
-        if request.video is None:
-            raise InputError("this input has no video to blank")
-        blanked = request.with_media(video=np.zeros_like(request.video))
-    elif modality == "audio":
-        if request.audio is None:
-            raise InputError("this input has no audio to blank")
-        blanked = request.with_media(audio=np.zeros_like(request.audio))
-    else:
+    if modality not in ("video", "audio"):
         raise InputError(f"modality must be 'video' or 'audio', got {modality!r}")
-    out = model.prepare_request(blanked)
-    if not torch.equal(out.input_ids.cpu(), ex.input_ids.cpu()):
-        raise SpanError(f"blanking the {modality} changed the token layout ({len(ex)} -> {len(out)} tokens)")
-    return out
+    return blank_inputs(model, ex, modality)
 
 
 class _ForkHook(AttentionHook):

@@ -16,7 +16,10 @@ from jaxtyping import Float
 
 from nnsight_av.errors import InputError, TokenSelectionError
 
-from .ablation import encoder_edit, zeroed_of
+from interventions.run import batch_data
+from interventions.runtime.hooks import applied
+
+from .ablation import ablation_intervention
 from .attention import as_list
 
 if TYPE_CHECKING:
@@ -151,11 +154,12 @@ def option_probs(
 ) -> Float[torch.Tensor, "... option"]:
     """Probability of each answer letter at the first generated position, for one input or a batch.
 
-    One forward per ``batch_size`` inputs (one ``tracer.invoke`` each, right padded, so
-    row ``b`` is read at its own last prompt position). ``options``: letters (``"ABCD"``,
-    a list, or a dict ``{letter: name}``); each must be a single token. Inputs made by
-    ``analyses.ablate(..., method="encoder")`` get their encoder outputs zeroed inside the
-    forward. Returns ``[option]`` for one input, ``[input, option]`` for a list.
+    One plain forward per ``batch_size`` inputs on the hook runtime (right padded, so row
+    ``b`` is read at its own last prompt position). ``options``: letters (``"ABCD"``, a
+    list, or a dict ``{letter: name}``); each must be a single token. Inputs made by
+    ``analyses.ablate(..., method="encoder")`` get their `ablation_intervention` (the
+    modality's embeddings zeroed) in that forward. Returns ``[option]`` for one input,
+    ``[input, option]`` for a list.
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
@@ -164,7 +168,6 @@ def option_probs(
     >>> p.shape, bool((p > 0).all() and p.sum() < 1)
     (torch.Size([4]), True)
     """
-    import nnsight
     from tqdm.auto import tqdm
 
     items, single = as_list(inputs)
@@ -175,27 +178,11 @@ def option_probs(
     bar = tqdm(total=len(items), desc="option probs", disable=not progress or len(items) < 2, leave=False)
     for start in range(0, len(items), batch_size):
         chunk = [on_device(model, item) for item in items[start:start + batch_size]]
-        offsets = _encoder_offsets(chunk)
-        with torch.no_grad(), last_logits_only(model, [len(item) - 1 for item in chunk]), model.trace() as tracer:
-            saved = nnsight.save([])
-            for k, item in enumerate(chunk):
-                with tracer.invoke(item, use_cache=False):
-                    if zeroed_of(item):
-                        encoder_edit(model, item, offsets[k])
-                    saved.append(model.logits[0, -1])
-        rows += [letter_probs(lg, ids).cpu() for lg in saved]
+        with torch.no_grad(), last_logits_only(model, [len(item) - 1 for item in chunk]), \
+                applied(model, chunk, [ablation_intervention(item) for item in chunk]):
+            logits = model.raw()(**batch_data(model, chunk), use_cache=False).logits
+        rows += [letter_probs(logits[k, -1], ids).cpu() for k in range(len(chunk))]
         bar.update(len(chunk))
     bar.close()
     out = torch.stack(rows)
     return out[0] if single else out
-
-
-def _encoder_offsets(chunk: Sequence["AVInputs"]) -> list[dict[str, int]]:
-    """Where each input's tokens start in the packed encoder outputs of one batched forward."""
-    running = {"audio": 0, "video": 0}
-    out = []
-    for item in chunk:
-        out.append(dict(running))
-        running["audio"] += int(item.spans.audio.numel())
-        running["video"] += int(item.spans.video.numel())
-    return out

@@ -1,40 +1,53 @@
 """The patched forwards of causal tracing: `PatchRunner` and its records.
 
-How the exact sweep saves work (every condition gives the same numbers as a full patched
-forward; ``tests/test_tracing.py`` checks it against a plain loop):
+A patched run is a composition of intervention primitives on the hook runtime
+(`interventions.runtime`): record the clean run, then run the corrupted input with a `Patch`
+(the clean source's site values for a token set, at every layer of a window) plus the user's
+``interventions=``. How the exact sweep saves work (every condition gives the same numbers as
+a full patched forward; ``tests/test_tracing.py`` checks it against a plain loop); the KV
+caches that make it possible live in `interventions.runtime.kv_cache`:
 
 1. one clean forward per clip caches the site only at the positions some token set patches;
-2. one corrupted forward caches the residual stream (each layer's input), each layer's
-   post-rotary keys/values and the keyword arguments the model passed to its layers;
-3. a condition whose first patched layer is ``l`` and first patched position is ``p`` starts
-   from the cached residual at layer ``l`` (layers below it equal the corrupted run) and
+2. one corrupted forward records the residual stream (each layer's input), each layer's
+   post-rotary keys/values and the keyword arguments the model passed to its layers
+   (`kv_cache.recording`);
+3. a condition whose first patched layer is ``l`` and first patched position is ``p`` resumes
+   from the recorded residual at layer ``l`` (layers below it equal the corrupted run) and
    computes only positions ``>= p`` (earlier positions cannot see the patch under causal
-   attention), attending to the cached keys/values of positions ``< p``; the LM head runs
-   on the last position only. Conditions with the same first layer are batched.
+   attention), attending to the recorded keys/values of positions ``< p`` (`kv_cache.resume`
+   with a `PrefixKV`); the LM head runs on the last position only. Conditions with the same
+   first layer are batched, one `Patch` per batch row;
+4. at ``input_layernorm`` / ``resid_pre``, a window reaching the last layer does not compute
+   the positions it overwrites at all (`PatchRunner._can_skip`; a `ScatterKV` serves the
+   clean keys/values for them).
 
 ``interventions=`` adds a user's interventions (e.g. head knockouts) to every clean,
-corrupted and patched forward, on the hook runtime (`interventions.runtime.applied`): the
-patched runs compute a suffix over the cached prefix, and the runtime maps positions to
-rows through the cache length, so the sweep stays exact and as fast (the skipping of
-overwritten positions is turned off: it computes scattered rows). Sinks and their split are
-still taken from the plain clean run.
+corrupted and patched forward: the runtime maps positions to rows through the KV cache, so
+the sweep stays exact and as fast (the skipping of step 4 is turned off with them). Inputs
+made by ``ablate(..., method="encoder")`` get their `ablation_intervention` in the full
+forwards (the patched runs resume from layers their ablation already reached). Sinks and
+their split are still taken from the plain clean run.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import torch
 from jaxtyping import Float, Int
 
-from interventions.base import as_intervention
-from interventions.runtime.hooks import applied
-from interventions.site import ALIASES, canonical_role
+from interventions.base import Compose, as_intervention
+from interventions.cache import ActivationCache, layout_signature
+from interventions.primitives import Patch
+from interventions.runtime.hooks import applied, gradients_from, observed
+from interventions.runtime.kv_cache import (KVRecorder, LayerRecord, PrefixKV, ScatterKV, cache_in_layers,
+                                            recording, resume)
+from interventions.site import ALIASES, Site, canonical_role
 from nnsight_av.errors import InputError
 
-from .ablation import encoder_edit, zeroed_of
+from .ablation import ablation_intervention
 from .options import last_logits_only, letter_probs, normalize_options, on_device, option_token_ids
 from .token_sets import Condition
 
@@ -47,8 +60,8 @@ __all__ = ["SITES", "canonical_site", "PatchRunner", "CleanRecord", "CorruptReco
 #: (the paper's default); ``resid_pre`` / ``resid_post``: a layer's input / output;
 #: ``attn_output`` / ``mlp_output``: the attention block's / MLP's output.
 SITES = ("input_layernorm", "resid_pre", "resid_post", "attn_output", "mlp_output")
-_SITE_ROLE = {"input_layernorm": "input_layernorm", "attn_output": "self_attn", "mlp_output": "mlp"}
-#: Built-in token sets (all of the non-dominant modality's tokens, or subsets of them).
+#: The per-row set a patched run's `Patch` selects its tokens from.
+PATCHED_SET = "patched"
 
 
 def canonical_site(site: str) -> str:
@@ -87,96 +100,15 @@ class CleanRecord:
 
 
 @dataclass
-class CorruptRecord:
-    """The corrupted run, cached so a patched condition can start at any layer and position."""
+class CorruptRecord(LayerRecord):
+    """The corrupted run, recorded so a patched condition can resume at any layer and position.
 
-    probs: Float[torch.Tensor, "option"]
-    length: int
-    resid: dict[int, torch.Tensor]                    # layer -> input of that layer [1, T, hidden]
-    keys: dict[Any, torch.Tensor]                     # attention layer_idx -> post-rotary keys [1, kv, T, d]
-    values: dict[Any, torch.Tensor]
-    kwargs: list[dict[str, Any]]                      # keyword arguments the model passed to each layer
-    deltas: list[torch.Tensor | None]                 # input(l + 1) - output(l), when the model adds something
-    item: Any = None
-
-
-class _KVRecorder:
-    """Stands in for a KV cache in one forward: keeps each layer's keys/values, changes nothing."""
-
-    def __init__(self) -> None:
-        self.keys: dict[Any, torch.Tensor] = {}
-        self.values: dict[Any, torch.Tensor] = {}
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: Any, *args: Any, **kwargs: Any):
-        self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
-        return key_states, value_states
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-
-class _PrefixKV:
-    """A KV cache holding the corrupted run's keys/values of positions ``< p0`` (read only)."""
-
-    def __init__(self, keys: Mapping[Any, torch.Tensor], values: Mapping[Any, torch.Tensor], p0: int) -> None:
-        self.keys, self.values, self.p0 = keys, values, p0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: Any, *args: Any, **kwargs: Any):
-        if self.p0 == 0:
-            return key_states, value_states
-        batch = key_states.shape[0]
-        pk = self.keys[layer_idx][:, :, : self.p0].expand(batch, -1, -1, -1)
-        pv = self.values[layer_idx][:, :, : self.p0].expand(batch, -1, -1, -1)
-        return torch.cat([pk, key_states], dim=2), torch.cat([pv, value_states], dim=2)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.p0
-
-
-class _ScatterKV:
-    """Keys/values of a run that computes only the query positions ``rows`` (from ``p0`` on).
-
-    Positions before ``p0`` take the corrupted run's keys/values, the skipped (patched and
-    overwritten) positions the clean run's, and ``rows`` the ones computed in this call.
+    A `LayerRecord` (length, residual stream, keys/values, layer keyword arguments, deltas)
+    with the run's letter ``probs`` and its inputs ``item`` (build it with keywords).
     """
 
-    def __init__(self, corrupt: "CorruptRecord", clean: "CleanRecord", p0: int, rows: torch.Tensor) -> None:
-        self.corrupt, self.clean, self.p0, self.rows = corrupt, clean, p0, rows
-
-    def _fill(self, clean: torch.Tensor, corrupt: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        full = clean.clone()
-        if self.p0:
-            full[:, :, : self.p0] = corrupt[:, :, : self.p0]
-        full[:, :, self.rows] = new
-        return full
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: Any, *args: Any, **kwargs: Any):
-        keys = self._fill(self.clean.keys[layer_idx], self.corrupt.keys[layer_idx], key_states)
-        values = self._fill(self.clean.kv_values[layer_idx], self.corrupt.values[layer_idx], value_states)
-        return keys, values
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.p0
-
-
-def _inject_cache(cache: Any) -> Callable:
-    """A layer pre-hook handing ``cache`` to the attention as its KV cache."""
-    def pre(mod, args, kwargs):
-        return args, {**kwargs, "past_key_values": cache}
-    return pre
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@contextmanager
-def _hooks(handles: list) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    probs: Float[torch.Tensor, "option"] | None = None
+    item: Any = None
 
 
 class PatchRunner:
@@ -204,7 +136,7 @@ class PatchRunner:
         self.lm_head = model.raw("lm_head")
         self.num_layers = model.num_layers
         self.attn_impl = model.attn_implementation
-        self._rows: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        self._memo: tuple[CleanRecord, CorruptRecord, ActivationCache] | None = None
 
     def _can_skip(self) -> bool:
         """Whether this site and attention kernel allow skipping overwritten positions.
@@ -224,43 +156,21 @@ class PatchRunner:
             return nullcontext()
         return applied(self.model, item, self.interventions)
 
-    # -- modules -------------------------------------------------------------------
-    def _site_module(self, layer: int) -> torch.nn.Module:
-        if self.site in ("resid_pre", "resid_post"):
-            return self.layers[layer]
-        return self.model.raw(_SITE_ROLE[self.site], layer=layer)
-
-    def _site_hook(self, layer: int, fn: Callable[[torch.Tensor], Any]):
-        """Register ``fn(site_tensor)`` on ``layer``'s site; it may edit the tensor in place.
-
-        The hook goes first (``prepend``), as an nnsight edit of ``.output`` would: forward
-        hooks a user put on the same module see the patched value.
-        """
-        module = self._site_module(layer)
-        if self.site == "resid_pre":
-            def pre(mod, args, kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                fn(hidden)
-            return module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
-
-        def post(mod, args, out):
-            fn(_first(out))
-        return module.register_forward_hook(post, prepend=True)
+    def _ablation(self, item: "AVInputs") -> ContextManager[Any]:
+        """``item``'s `ablation_intervention` on the hook runtime (opened last, so it edits first)."""
+        iv = ablation_intervention(item)
+        return nullcontext() if iv is None else applied(self.model, item, iv)
 
     # -- plain forwards -------------------------------------------------------------
     def _forward(self, item: "AVInputs", extra: bool = True) -> torch.Tensor:
-        """One forward of ``item`` (hooks already registered); last-position logits ``[vocab]``.
+        """One full forward of ``item``; last-position logits ``[vocab]``.
 
         ``extra``: apply the user's interventions here (off when the caller opened them first).
         """
         item = on_device(self.model, item)
-        with last_logits_only(self.model, [len(item) - 1]), (self.extra(item) if extra else nullcontext()):
-            if zeroed_of(item):
-                with self.model.trace(item, use_cache=False):
-                    encoder_edit(self.model, item)
-                    logits = self.model.logits.save()
-            else:
-                logits = self.model.raw()(**item.data, use_cache=False).logits
+        with last_logits_only(self.model, [len(item) - 1]), (self.extra(item) if extra else nullcontext()), \
+                self._ablation(item):
+            logits = self.model.raw()(**item.data, use_cache=False).logits
         return logits[0, -1]
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -271,6 +181,10 @@ class PatchRunner:
         with torch.no_grad():
             return self.probs(self._forward(item))
 
+    def _observe(self, layers: Sequence[int], keep: Callable[[int, torch.Tensor], None]) -> ContextManager[None]:
+        """``keep(layer, value)`` sees the patched site of each of ``layers`` (the runtime's `observed`)."""
+        return observed(self.model, self.site, layers, keep)
+
     def record_clean(self, item: "AVInputs", positions: torch.Tensor, layers: Sequence[int],
                      kv: bool | None = None) -> CleanRecord:
         """Clean forward; the site's values at ``positions`` (sorted) for ``layers``.
@@ -280,16 +194,12 @@ class PatchRunner:
         """
         positions = torch.unique(torch.as_tensor(positions, dtype=torch.long).flatten().cpu())
         values: dict[int, torch.Tensor] = {}
-        handles = []
-        for layer in sorted(set(layers)):
-            def keep(t: torch.Tensor, layer: int = layer) -> None:
-                values[layer] = t[0, positions.to(t.device)].detach().clone()
-            handles.append(self._site_hook(layer, keep))
-        recorder = _KVRecorder() if (self._can_skip() if kv is None else kv) else None
-        if recorder is not None:
-            for layer in self.layers:
-                handles.append(layer.register_forward_pre_hook(_inject_cache(recorder), with_kwargs=True))
-        with torch.no_grad(), _hooks(handles):
+
+        def keep(layer: int, t: torch.Tensor) -> None:
+            values[layer] = t[0, positions.to(t.device)].detach().clone()
+        recorder = KVRecorder() if (self._can_skip() if kv is None else kv) else None
+        with torch.no_grad(), self._observe(layers, keep), \
+                (cache_in_layers(self.layers, recorder) if recorder is not None else nullcontext()):
             logits = self._forward(item)
         return CleanRecord(self.probs(logits), positions, values,
                            recorder.keys if recorder is not None else None,
@@ -306,152 +216,72 @@ class PatchRunner:
         Returns the record and what ``during()`` returned.
         """
         last = self.num_layers - 1
-        if self.site not in ("input_layernorm", "resid_pre") or self.interventions is not None:
+        if self.site not in ("input_layernorm", "resid_pre") or self.interventions is not None \
+                or ablation_intervention(item) is not None:
             result = during()
             return self.record_clean(item, positions, layers), result
         positions = torch.unique(torch.as_tensor(positions, dtype=torch.long).flatten().cpu())
         values: dict[int, torch.Tensor] = {}
-        recorder = _KVRecorder()
-        seen: dict[str, Any] = {}
-        handles = []
-        for layer in sorted(set(layers)):
-            def keep(t: torch.Tensor, layer: int = layer) -> None:
-                if t.shape[0] == 1 and t.shape[1] == len(item):
-                    values[layer] = t[0, positions.to(t.device)].detach().clone()
-            handles.append(self._site_hook(layer, keep))
 
-        def pre(mod, args, kwargs, layer=None):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if mod is self.layers[last]:
-                seen["resid"] = hidden
-                seen["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
-            return args, {**kwargs, "past_key_values": recorder}
-        for layer in self.layers:
-            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
-        with _hooks(handles):
+        def keep(layer: int, t: torch.Tensor) -> None:
+            if t.shape[0] == 1 and t.shape[1] == len(item):
+                values[layer] = t[0, positions.to(t.device)].detach().clone()
+        with self._observe(layers, keep), recording(self.layers, starts=[last]) as recorder:
             result = during()
-        complete = (set(layers) <= set(values) and len(recorder.keys) == self.num_layers and "resid" in seen
-                    and seen["resid"].shape[:2] == (1, len(item)))
+        seen = recorder.resid.get(last)
+        complete = (set(layers) <= set(values) and recorder.used_every_layer() and seen is not None
+                    and seen.shape[:2] == (1, len(item)))
         if not complete:
             return self.record_clean(item, positions, layers), result
         total = len(item)
-        kwargs_list: list[dict[str, Any]] = [{} for _ in range(self.num_layers)]
-        kwargs_list[last] = seen["kwargs"]
-        partial = CorruptRecord(None, total, {last: seen["resid"]}, recorder.keys, recorder.values, kwargs_list,
-                                [None] * self.num_layers)
+        partial = recorder.record(total, deltas=False)
         with torch.no_grad():
-            hidden = seen["resid"][:, total - 1:]
-            cache = _PrefixKV(recorder.keys, recorder.values, total - 1)
-            kw = self._layer_kwargs(partial, last, total - 1, self._suffix_mask(partial, last, total - 1, hidden),
-                                    cache)
-            hidden = _first(self.layers[last](hidden, **kw))
+            hidden = resume(self.layers, partial, last, seen[:, total - 1:],
+                            PrefixKV(partial.keys, partial.values, total - 1), attn_impl=self.attn_impl, p0=total - 1)
             logits = self.lm_head(self.final_norm(hidden[:, -1:]))[:, 0, :][0]
-        return CleanRecord(self.probs(logits), positions, values, recorder.keys, recorder.values), result
+        return CleanRecord(self.probs(logits), positions, values, partial.keys, partial.values), result
 
     def record_corrupt(self, item: "AVInputs", starts: Sequence[int] | None = None) -> CorruptRecord:
         """Corrupted forward caching the residual at ``starts`` (default: every layer), the keys/values
         and the layer keyword arguments."""
-        with self.extra(item):         # opened first: the recorder below reads each layer's input before it
-            return self._record_corrupt(item, starts)
-
-    def _record_corrupt(self, item: "AVInputs", starts: Sequence[int] | None) -> CorruptRecord:
-        starts = set(range(self.num_layers) if starts is None else starts)
-        recorder = _KVRecorder()
-        resid: dict[int, torch.Tensor] = {}
-        kwargs_list: list[dict[str, Any]] = [{} for _ in range(self.num_layers)]
-        inputs: dict[int, torch.Tensor] = {}
-        outputs: dict[int, torch.Tensor] = {}
-        handles = []
-        for i, layer in enumerate(self.layers):
-            def pre(mod, args, kwargs, i=i):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                inputs[i] = hidden
-                if i in starts:
-                    resid[i] = hidden
-                kwargs_list[i] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
-                kwargs = dict(kwargs)
-                kwargs["past_key_values"] = recorder
-                return args, kwargs
-
-            def post(mod, args, out, i=i):
-                outputs[i] = _first(out)
-            # The input is read before any user pre-hook (re-running the layer re-applies them), the
-            # output after every forward hook (it is what the next layer received).
-            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
-            handles.append(layer.register_forward_hook(post))
-        with torch.no_grad(), _hooks(handles):
+        # The user's interventions are opened first: the recorder reads each layer's input before
+        # them (resuming a layer re-applies them), after the input's own ablation.
+        with self.extra(item), torch.no_grad(), recording(self.layers, starts) as recorder:
             logits = self._forward(item, extra=False)
-        if len(recorder.keys) != self.num_layers:
-            raise InputError(f"the model's attention did not use the cache slot in every layer "
-                             f"({len(recorder.keys)} of {self.num_layers}); use method='naive' for this model")
-        deltas: list[torch.Tensor | None] = []
-        for i in range(self.num_layers):
-            nxt = inputs.get(i + 1)
-            if nxt is None or nxt is outputs[i]:
-                deltas.append(None)
-                continue
-            delta = nxt - outputs[i]
-            deltas.append(delta if bool(delta.abs().max() > 0) else None)
-        return CorruptRecord(self.probs(logits), len(item), resid, recorder.keys, recorder.values, kwargs_list,
-                             deltas, item)
+        record = recorder.record(len(item))
+        return CorruptRecord(**{f.name: getattr(record, f.name) for f in fields(record)}, probs=self.probs(logits),
+                             item=item)
 
     # -- patched continuation -------------------------------------------------------------
-    def _suffix_mask(self, corrupt: CorruptRecord, layer: int, p0: int, like: torch.Tensor) -> Any:
-        recorded = corrupt.kwargs[layer].get("attention_mask")
-        if torch.is_tensor(recorded) and recorded.dim() == 4:
-            return recorded[:, :, p0:, :]
-        if p0 == 0:
-            return recorded
-        n, total = corrupt.length - p0, corrupt.length
-        if self.attn_impl.startswith("flash"):
-            return None  # flash attention aligns the causal mask bottom-right when queries < keys
-        if self.attn_impl == "sdpa":
-            try:
-                from torch.nn.attention.bias import causal_lower_right
+    def _source(self, clean: CleanRecord, corrupt: CorruptRecord) -> ActivationCache:
+        """The clean values as a `Patch` source: per layer, a table over the corrupted run's positions."""
+        if corrupt.item is None:
+            raise InputError("the corrupted record has no inputs (item=); make it with PatchRunner.record_corrupt")
+        memo = self._memo
+        if memo is not None and memo[0] is clean and memo[1] is corrupt:
+            return memo[2]
+        site = Site(self.site)
+        acts = {}
+        for layer, values in clean.values.items():
+            table = values.new_zeros((corrupt.length, *values.shape[1:]))
+            table[clean.positions.to(values.device)] = values
+            acts[site.key(layer)] = table
+        source = ActivationCache(acts, layout_signature(corrupt.item), name="clean")
+        self._memo = (clean, corrupt, source)
+        return source
 
-                return causal_lower_right(n, total)
-            except ImportError:  # pragma: no cover - older torch
-                pass
-        allowed = torch.arange(total, device=like.device)[None, :] <= (p0 + torch.arange(n, device=like.device))[:, None]
-        mask = torch.zeros(n, total, dtype=like.dtype, device=like.device)
-        return mask.masked_fill(~allowed, torch.finfo(like.dtype).min)[None, None]
+    def _patching(self, clean: CleanRecord, corrupt: CorruptRecord, batch: Sequence[Condition]) -> ContextManager:
+        """One `Patch` per batch row (its condition's tokens and layers), composed with the user's interventions."""
+        source = self._source(clean, corrupt)
+        rows = []
+        for cond in batch:
+            patch = Patch(source=source, site=self.site, layers=list(cond.layers), tokens=PATCHED_SET)
+            rows.append(patch if self.interventions is None else Compose([patch, self.interventions]))
+        sets = [{PATCHED_SET: cond.positions} for cond in batch]
+        return applied(self.model, [corrupt.item] * len(batch), rows, sets=sets)
 
-    def _layer_kwargs(self, corrupt: CorruptRecord, layer: int, p0: int, mask: Any, cache: _PrefixKV
-                      ) -> dict[str, Any]:
-        total = corrupt.length
-        kw: dict[str, Any] = {}
-        for key, value in corrupt.kwargs[layer].items():
-            if key == "attention_mask":
-                kw[key] = mask
-            elif key == "position_embeddings" and isinstance(value, (tuple, list)):
-                kw[key] = tuple(v[..., p0:, :] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[-2] == total
-                                else v for v in value)
-            elif torch.is_tensor(value) and (key.endswith("position_ids") or key == "cache_position") \
-                    and value.shape[-1] == total:
-                kw[key] = value[..., p0:]
-            else:
-                kw[key] = value
-        kw["past_key_values"] = cache
-        return kw
-
-    @contextmanager
-    def _patch_hooks(self, layers: Sequence[int]) -> Iterator[None]:
-        handles = []
-        if self.site not in ("resid_pre", "resid_post"):
-            for layer in sorted(set(layers)):
-                def patch(t: torch.Tensor, layer: int = layer) -> None:
-                    for b, local, vals in self._rows.get(layer, ()):
-                        t[b, local] = vals
-                handles.append(self._site_hook(layer, patch))
-        try:
-            with _hooks(handles):
-                yield
-        finally:
-            self._rows = {}
-
-    def _apply_rows(self, hidden: torch.Tensor, layer: int) -> None:
-        for b, local, vals in self._rows.get(layer, ()):
-            hidden[b, local] = vals
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_norm(hidden[:, -1:]))[:, 0]
 
     def _run_batch(self, clean: CleanRecord, corrupt: CorruptRecord, batch: list[Condition]) -> torch.Tensor:
         start = min(c.start for c in batch)
@@ -459,28 +289,11 @@ class PatchRunner:
         base = corrupt.resid.get(start)
         if base is None:
             raise InputError(f"the corrupted run cached no residual at layer {start}")
-        device = base.device
-        rows: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-        for b, cond in enumerate(batch):
-            local = (cond.positions - p0).to(device)
-            index = torch.searchsorted(clean.positions, cond.positions).to(device)
-            for layer in cond.layers:
-                rows.setdefault(layer, []).append((b, local, clean.values[layer].index_select(0, index)))
-        self._rows = rows
         hidden = base[:, p0:].expand(len(batch), -1, -1).clone()
-        cache = _PrefixKV(corrupt.keys, corrupt.values, p0)
-        for layer in range(start, self.num_layers):
-            kw = self._layer_kwargs(corrupt, layer, p0, self._suffix_mask(corrupt, layer, p0, hidden), cache)
-            if self.site == "resid_pre":
-                self._apply_rows(hidden, layer)
-            hidden = _first(self.layers[layer](hidden, **kw))
-            if self.site == "resid_post":
-                self._apply_rows(hidden, layer)
-            delta = corrupt.deltas[layer]
-            if delta is not None:
-                hidden = hidden + delta[:, p0:]
-        logits = self.lm_head(self.final_norm(hidden[:, -1:]))[:, 0]
-        return logits
+        with self._patching(clean, corrupt, batch):
+            hidden = resume(self.layers, corrupt, start, hidden, PrefixKV(corrupt.keys, corrupt.values, p0),
+                            attn_impl=self.attn_impl, p0=p0)
+        return self._logits(hidden)
 
     def _skippable(self, clean: CleanRecord, corrupt: CorruptRecord, cond: Condition) -> bool:
         return (self._can_skip() and clean.keys is not None and cond.positions.numel() > 0
@@ -500,52 +313,12 @@ class PatchRunner:
         keep = torch.ones(total, dtype=torch.bool)
         keep[:p0] = False
         keep[positions[positions != total - 1]] = False
-        rows_cpu = torch.nonzero(keep).flatten()
         base = corrupt.resid[cond.start]
-        device = base.device
-        rows = rows_cpu.to(device)
-        hidden = base[:, rows]
-        self._rows = {}
-        last = positions[positions == total - 1]
-        if last.numel():                                   # the last position is patched and computed
-            local = torch.tensor([rows_cpu.numel() - 1], device=device)
-            index = torch.searchsorted(clean.positions, last).to(device)
-            self._rows = {l: [(0, local, clean.values[l].index_select(0, index))] for l in cond.layers}
-        cache = _ScatterKV(corrupt, clean, p0, rows)
-        shared_mask = None
-        for layer in range(cond.start, self.num_layers):
-            recorded = corrupt.kwargs[layer].get("attention_mask")
-            if torch.is_tensor(recorded) and recorded.dim() == 4:
-                mask = recorded.index_select(2, rows)
-            else:
-                if shared_mask is None:
-                    allowed = torch.arange(total, device=device)[None, :] <= rows[:, None]
-                    if self.attn_impl == "sdpa":
-                        shared_mask = allowed[None, None]
-                    else:
-                        shared_mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=device).masked_fill(
-                            ~allowed, torch.finfo(hidden.dtype).min)[None, None]
-                mask = shared_mask
-            kw = {}
-            for key, value in corrupt.kwargs[layer].items():
-                if key == "attention_mask":
-                    kw[key] = mask
-                elif key == "position_embeddings" and isinstance(value, (tuple, list)):
-                    kw[key] = tuple(v.index_select(-2, rows) if torch.is_tensor(v) and v.dim() >= 2
-                                    and v.shape[-2] == total else v for v in value)
-                elif torch.is_tensor(value) and (key.endswith("position_ids") or key == "cache_position") \
-                        and value.shape[-1] == total:
-                    kw[key] = value.index_select(-1, rows)
-                else:
-                    kw[key] = value
-            kw["past_key_values"] = cache
-            if self.site == "resid_pre":
-                self._apply_rows(hidden, layer)
-            hidden = _first(self.layers[layer](hidden, **kw))
-            delta = corrupt.deltas[layer]
-            if delta is not None:
-                hidden = hidden + delta[:, rows]
-        return self.lm_head(self.final_norm(hidden[:, -1:]))[:, 0]
+        rows = torch.nonzero(keep).flatten().to(base.device)
+        cache = ScatterKV(clean.keys, clean.kv_values, corrupt.keys, corrupt.values, p0, rows)
+        with self._patching(clean, corrupt, [cond]):
+            hidden = resume(self.layers, corrupt, cond.start, base[:, rows], cache, attn_impl=self.attn_impl, rows=rows)
+        return self._logits(hidden)
 
     def run(self, clean: CleanRecord, corrupt: CorruptRecord, conditions: Sequence[Condition], *,
             batch_size: int = 4, progress: bool = False) -> Float[torch.Tensor, "condition option"]:
@@ -568,20 +341,22 @@ class PatchRunner:
                 batches[-1].append(i)
             else:
                 batches.append([i])
-        layers = sorted({l for i in todo + alone for l in conditions[i].layers})
         bar = tqdm(total=len(todo) + len(alone), desc="patched runs", leave=False,
                    disable=not progress or len(todo) + len(alone) < 2)
-        with torch.no_grad(), self._patch_hooks(layers), self.extra(corrupt.item):
-            for i in alone:
-                out[i] = self.probs(self._run_skipping(clean, corrupt, conditions[i]))[0]
-                bar.update(1)
-            for batch in batches:
-                logits = self._run_batch(clean, corrupt, [conditions[i] for i in batch])
-                probs = self.probs(logits)
-                for row, i in enumerate(batch):
-                    out[i] = probs[row]
-                bar.update(len(batch))
-        bar.close()
+        try:
+            with torch.no_grad():
+                for i in alone:
+                    out[i] = self.probs(self._run_skipping(clean, corrupt, conditions[i]))[0]
+                    bar.update(1)
+                for batch in batches:
+                    logits = self._run_batch(clean, corrupt, [conditions[i] for i in batch])
+                    probs = self.probs(logits)
+                    for row, i in enumerate(batch):
+                        out[i] = probs[row]
+                    bar.update(len(batch))
+        finally:
+            self._memo = None               # the clean tables are large: kept for one sweep only
+            bar.close()
         return out
 
     # -- reference and first-order methods ------------------------------------------------
@@ -595,9 +370,7 @@ class PatchRunner:
         out = torch.zeros(len(conditions), len(self.options))
         for i, cond in enumerate(tqdm(conditions, desc="patched runs (naive)", leave=False,
                                       disable=not progress or len(conditions) < 2)):
-            with torch.no_grad(), self.extra(item), self.model.trace(item, use_cache=False):
-                if zeroed_of(item):
-                    encoder_edit(self.model, item)
+            with torch.no_grad(), self.extra(item), self._ablation(item), self.model.trace(item, use_cache=False):
                 if cond.positions.numel():
                     index = torch.searchsorted(clean.positions, cond.positions)
                     for layer in cond.layers:
@@ -629,23 +402,12 @@ class PatchRunner:
         """
         layers = sorted(set(layers))
         acts: dict[int, torch.Tensor] = {}
-        handles = []
-        previous = torch.is_grad_enabled()
 
-        def start_graph(mod, args, kwargs):
-            # Encoders ran without a graph; from here on record one, rooted at the layer-0 input.
-            torch.set_grad_enabled(True)
-            hidden = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
-            if args:
-                return (hidden,) + tuple(args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
-        handles.append(self.layers[0].register_forward_pre_hook(start_graph, with_kwargs=True))
-        for layer in layers:
-            def keep(t: torch.Tensor, layer: int = layer) -> None:
-                acts[layer] = t
-            handles.append(self._site_hook(layer, keep))
-        try:
-            with torch.no_grad(), _hooks(handles):
+        def keep(layer: int, t: torch.Tensor) -> None:
+            acts[layer] = t
+        # The encoders run without a graph; one is recorded from the layer-0 input on.
+        with self._observe(layers, keep), gradients_from(self.model, 0):
+            with torch.no_grad():
                 logits = self._forward(corrupt_item)
             with torch.enable_grad():
                 probs = letter_probs(logits, self.token_ids)
@@ -654,8 +416,6 @@ class PatchRunner:
                 tensors = [acts[l] for l in layers]
                 g_clean = torch.autograd.grad(probs[k_clean], tensors, retain_graph=True, allow_unused=True)
                 g_corr = torch.autograd.grad(probs[k_corr], tensors, allow_unused=True)
-        finally:
-            torch.set_grad_enabled(previous)
         index = clean.positions
         rows_clean, rows_corr = [], []
         for layer, gc, gx in zip(layers, g_clean, g_corr):

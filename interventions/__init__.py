@@ -26,6 +26,7 @@ from .attention import AttentionBoost, AttentionEdit, AttentionKnockout, apply_a
 from .base import Compose, Intervention, from_dict, from_json, register_intervention, registered_interventions
 from .cache import ActivationCache, cache_activations, compute_means, layout_signature, modality_stds
 from .context import MODALITIES, ApplyContext
+from .modality import blank_inputs, zero_modalities
 from .primitives import MeanPatch, Noise, Patch, Zero
 from .run import generate, run
 from .selectors import resolve_tokens
@@ -40,4 +41,5 @@ __all__ = [
     "Zero", "MeanPatch", "Patch", "Noise", "AttentionKnockout", "AttentionBoost",
     "ActivationCache", "cache_activations", "compute_means", "modality_stds", "layout_signature",
     "run", "generate", "ApplyContext", "AttentionEdit", "apply_attention_edits", "runtime",
+    "blank_inputs", "zero_modalities",
 ]

@@ -106,17 +106,23 @@ class ApplyContext:
         self.past = 0          # tokens in the KV cache before this forward (padded coordinates)
         self.present = 0       # rows in this forward's tensors
         self.stamp: Any = None  # id of the model's visit to the current layer (same for every invoke)
+        self.query: torch.Tensor | None = None  # positions (padded) of this forward's rows, when scattered
         self._resolved: dict[Any, torch.Tensor] = {}
         self._device: dict[Any, torch.Tensor] = {}
         self.memo: dict[Any, Any] = {}
 
     # -- per layer -------------------------------------------------------------------------
-    def enter_layer(self, layer: int, past: int, present: int, stamp: Any = None) -> None:
-        self.layer, self.past, self.present, self.stamp = layer, int(past), int(present), stamp
+    def enter_layer(self, layer: int, past: int, present: int, stamp: Any = None,
+                    query: torch.Tensor | None = None) -> None:
+        """``query``: the (padded) positions of this forward's rows when they are not ``past..past+present-1``
+        (a forward that computes scattered positions over a cache, `interventions.runtime.kv_cache.ScatterKV`)."""
+        self.layer, self.past, self.present, self.stamp, self.query = layer, int(past), int(present), stamp, query
 
     @property
     def total(self) -> int:
         """The current sequence length in the input's own coordinates (prompt + generated so far)."""
+        if self.query is not None and len(self.query):
+            return max(int(self.query[-1]) + 1 - self.offset, self.length)
         if self.past == 0:
             return self.length  # prefill; right padding beyond the input is not part of it
         return self.past + self.present - self.offset
@@ -138,10 +144,15 @@ class ApplyContext:
 
     def rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, positions)``: rows of this forward's tensors holding ``positions`` (those present)."""
-        key = ("rows", id(positions), self.past, self.present)
+        key = ("rows", id(positions), self.past, self.present, id(self.query))
         if key not in self._resolved:
-            rows = positions + self.offset - self.past
-            keep = (rows >= 0) & (rows < self.present)
+            if self.query is not None:
+                padded = positions + self.offset
+                rows = torch.searchsorted(self.query, padded).clamp(max=max(len(self.query) - 1, 0))
+                keep = (self.query[rows] == padded) if len(self.query) else torch.zeros_like(padded, dtype=torch.bool)
+            else:
+                rows = positions + self.offset - self.past
+                keep = (rows >= 0) & (rows < self.present)
             if self.past == 0:
                 keep &= positions < self.length
             # keep `positions` alive with the entry, so its id is not reused while cached

@@ -25,7 +25,7 @@ from .runtime.hooks import applied
 if TYPE_CHECKING:
     from nnsight_av.model import AVModel
 
-__all__ = ["run", "generate", "RUNTIMES"]
+__all__ = ["run", "generate", "RUNTIMES", "batch_data"]
 
 RUNTIMES = ("nnsight", "hooks")
 
@@ -53,6 +53,20 @@ def _per_input_sets(sets: Any, n: int) -> list[Mapping[str, Any] | None]:
     if len(sets) != n:
         raise InputError(f"sets= has {len(sets)} entries for {n} inputs (pass one mapping, or one per input)")
     return sets
+
+
+def batch_data(model: "AVModel", items: Sequence[AVInputs]) -> dict[str, Any]:
+    """One plain forward's keyword arguments for ``items``: right padded when several, as a trace batches them.
+
+    >>> import nnsight_av as nav
+    >>> model = nav.testing.tiny_model()
+    >>> a, b = model.prepare(text="Hi"), model.prepare(text="Hello there, how are you?")
+    >>> batch_data(model, [a, b])["input_ids"].shape[1] == len(b)
+    True
+    """
+    if len(items) == 1:
+        return dict(items[0].data)
+    return model.adapter.collate([ex.data for ex in items], padding_side="right", pad_id=_pad_id(model))
 
 
 def _plan(iv: Intervention | None, n: int, targets: Iterable[int] | None) -> list[Intervention | None]:
@@ -96,10 +110,8 @@ def run(model: "AVModel", inputs: AVInputs | Sequence[AVInputs], interventions: 
     per_sets = _per_input_sets(sets, len(items))
     if runtime == "hooks":
         decoder = Decoder(model)
-        data = items[0].data if len(items) == 1 else model.adapter.collate(
-            [ex.data for ex in items], padding_side="right", pad_id=_pad_id(model))
         with torch.set_grad_enabled(grad), applied(model, items, plan, sets=per_sets):
-            out = decoder.module(**decoder.data(data), **trace_kwargs).logits
+            out = decoder.module(**decoder.data(batch_data(model, items)), **trace_kwargs).logits
         logits = [out[i:i + 1, :len(ex)] for i, ex in enumerate(items)]
         return logits[0] if single else logits
     with torch.set_grad_enabled(grad), model.trace(**trace_kwargs) as tracer:
@@ -194,8 +206,7 @@ def _greedy_hooks(model: "AVModel", items: list[AVInputs], plan: list[Interventi
     ``model.generate``, a row that reached EOS is fed the pad token until every row is done.
     """
     decoder = Decoder(model)
-    data = items[0].data if len(items) == 1 else model.adapter.collate(
-        [ex.data for ex in items], padding_side="right", pad_id=_pad_id(model))
+    data = batch_data(model, items)
     new: list[torch.Tensor] = []
     step_logits: list[torch.Tensor] = []
     done = torch.zeros(len(items), dtype=torch.bool)

@@ -183,7 +183,7 @@ def test_continuation_from_cache_equals_full_forward(sharp, pair):
     for start in (0, 2, 3):
         for first in (0, int(corrupt.spans.video[0]), len(corrupt) - 5):
             cond = Condition("x", torch.arange(first, len(corrupt)), tuple(range(start, sharp.num_layers)))
-            with torch.no_grad(), runner._patch_hooks(cond.layers):
+            with torch.no_grad():
                 logits = runner._run_batch(as_clean, record, [cond])
             assert torch.allclose(logits[0], full, atol=1e-5), (start, first)
 
@@ -356,7 +356,8 @@ def test_planted_cross_modal_route_gets_the_largest_effect():
         route.remove()
 
 
-def test_attribution_is_first_order_exact(sharp):
+@pytest.mark.parametrize("site", ["input_layernorm", "resid_pre"])   # resid_pre of layer 0: the graph's own root
+def test_attribution_is_first_order_exact(sharp, site):
     """Nearly identical clean and corrupt inputs: the first-order estimate matches exact patching."""
     clean = sharp.prepare(video=nav.testing.synthetic_frames(4.0, 2, 64), audio=nav.testing.synthetic_tone(4.0),
                           text="What is making the sound?")
@@ -365,7 +366,7 @@ def test_attribution_is_first_order_exact(sharp):
     audio = clean.spans.audio
     # the audio differs, so audio tokens are patched (the "dominant" modality named here is video)
     kw = dict(token_sets={"all": audio, "half": audio[50:], "few": audio[::10]}, layers=[0, 2], window=1,
-              dominant="video", progress=False)
+              dominant="video", progress=False, site=site)
     exact = causal_trace(sharp, clean, corrupt, OPTIONS, **kw)
     approx = causal_trace(sharp, clean, corrupt, OPTIONS, method="attribution", **kw)
     for name in ("ie_clean", "ie_corrupt"):

@@ -9,15 +9,20 @@ objects on the plain modules (``model.raw(...)``) instead:
 - `decoder`: `Decoder`, the prefill that stops after the decoder stack and cached decode
   steps (KV-cache handling, rope positions);
 - `hooks`: `applied`, which compiles interventions to the same ops the nnsight engine runs
-  and executes them from forward hooks and the routed attention function.
+  and executes them from forward hooks and the routed attention function; `observed` and
+  `gradients_from` for reading sites (and taking gradients) without editing them;
+- `kv_cache`: the KV caches of partial forwards: record one run of the decoder layers and
+  resume it from any layer and position (the exact sweep of causal tracing).
 
 ``interventions.run(..., runtime="hooks")`` / ``interventions.generate(..., runtime="hooks")``
 use it; tests check both runtimes give the same outputs for every primitive.
 """
 
 from .decoder import Decoder, Prefill, StopForward, data_on, sync_device
-from .hooks import HookExecutor, applied
+from .hooks import HookExecutor, applied, gradients_from, observed
+from .kv_cache import KVRecorder, LayerRecord, PrefixKV, ScatterKV, recording, resume
 from .routing import ATTENTION_IMPLEMENTATION, AttentionHook, active_hooks, route_attention
 
 __all__ = ["Decoder", "Prefill", "StopForward", "data_on", "sync_device", "ATTENTION_IMPLEMENTATION",
-           "AttentionHook", "active_hooks", "route_attention", "applied", "HookExecutor"]
+           "AttentionHook", "active_hooks", "route_attention", "applied", "HookExecutor", "observed", "gradients_from",
+           "KVRecorder", "LayerRecord", "PrefixKV", "ScatterKV", "recording", "resume"]

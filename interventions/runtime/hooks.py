@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -39,6 +39,7 @@ from ..attention_edits import apply_attention_edits
 from ..base import Intervention, as_intervention, normalize_sets
 from ..context import ApplyContext
 from ..engine import Op, first_tensor, past_length, with_first
+from .kv_cache import query_positions, removing
 from .routing import AttentionHook, route_attention
 
 try:
@@ -49,7 +50,7 @@ except ImportError:  # pragma: no cover - older torch
 if TYPE_CHECKING:
     from nnsight_av import AVModel
 
-__all__ = ["applied", "HookExecutor"]
+__all__ = ["applied", "HookExecutor", "observed", "gradients_from"]
 
 #: Hook points served by plain forward hooks: point -> (raw module role, pre-hook?).
 MODULE_POINTS = {"resid_pre": ("layer", True), "input_layernorm": ("input_layernorm", False),
@@ -78,8 +79,9 @@ class HookExecutor(AttentionHook):
         hidden = args[0] if args else kwargs["hidden_states"]
         past = past_length(kwargs, layer)
         stamp = (id(self), next(self.visits))          # one visit of this layer, the same for every row
+        query = query_positions(kwargs)
         for ctx, _ in self.rows:
-            ctx.enter_layer(layer, past, hidden.shape[1], stamp)
+            ctx.enter_layer(layer, past, hidden.shape[1], stamp, query)
 
     def _batch_rows(self, batch: int) -> list[int]:
         """Which context serves each batch row: its own, or the only one for every row."""
@@ -204,3 +206,65 @@ def applied(model: "AVModel", inputs: "AVInputs | Sequence[AVInputs]", intervent
             configs = [c for c in (getattr(m, "config", None) for m in config_holders) if c is not None]
             stack.enter_context(route_attention(configs, executor))
         yield executor
+
+
+@contextmanager
+def observed(model: "AVModel", point: str, layers: Sequence[int],
+             fn: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """Within the block, ``fn(layer, value)`` sees the tensor at hook ``point`` of each of ``layers``.
+
+    ``value`` is the model's own tensor, ``[B, rows, ...]`` (a view into the forward, so a
+    gradient can be taken with respect to it): read it, do not edit it (edits go through
+    `applied`). Points: those served by module hooks (`MODULE_POINTS`). Registered first
+    (``prepend``): an edit `applied` opened *inside* this block comes before it.
+
+    >>> import nnsight_av as nav
+    >>> model = nav.testing.tiny_model()
+    >>> ex = model.prepare(audio=nav.testing.synthetic_tone(1.0), text="Hi")
+    >>> seen = {}
+    >>> with observed(model, "mlp_output", [1], lambda layer, value: seen.setdefault(layer, value.shape)):
+    ...     _ = model.raw()(**ex.data)
+    >>> seen[1][1] == len(ex)
+    True
+    """
+    if point not in MODULE_POINTS:
+        raise InputError(f"cannot observe {point!r} with module hooks; points: {', '.join(MODULE_POINTS)}")
+    role, pre = MODULE_POINTS[point]
+    handles = []
+    for layer in sorted(set(layers)):
+        module = model.raw(role, layer=layer)
+        if pre:
+            def before(mod, args, kwargs, layer=layer):
+                fn(layer, args[0] if args else kwargs["hidden_states"])
+            handles.append(module.register_forward_pre_hook(before, with_kwargs=True, prepend=True))
+        else:
+            def after(mod, args, out, layer=layer):
+                fn(layer, first_tensor(out))
+            handles.append(module.register_forward_hook(after, prepend=True))
+    with removing(handles):
+        yield
+
+
+@contextmanager
+def gradients_from(model: "AVModel", layer: int = 0) -> Iterator[None]:
+    """Within the block, a forward records an autograd graph from decoder ``layer``'s input on, even under ``no_grad``.
+
+    The layer's input becomes a leaf that requires grad (the media encoders and the layers
+    before it run without a graph, which is what a first-order attribution needs and costs
+    least); grad mode is restored when the block ends. Registered first (``prepend``): edits
+    `applied` opened inside the block come before it, `observed` hooks opened outside see the leaf.
+    """
+    previous = torch.is_grad_enabled()
+
+    def start(mod, args, kwargs):
+        torch.set_grad_enabled(True)
+        hidden = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    try:
+        with removing([model.raw("layer", layer).register_forward_pre_hook(start, with_kwargs=True, prepend=True)]):
+            yield
+    finally:
+        torch.set_grad_enabled(previous)
