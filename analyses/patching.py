@@ -35,6 +35,7 @@ from interventions.site import ALIASES, canonical_role
 from nnsight_av.errors import InputError
 
 from .ablation import encoder_edit, zeroed_of
+from .batching import collate_inputs, take_row
 from .options import last_logits_only, letter_probs, normalize_options, on_device, option_token_ids
 from .token_sets import Condition
 
@@ -305,19 +306,33 @@ class PatchRunner:
         ``resid_pre`` sites; when anything is missing the clean run is made separately.
         Returns the record and what ``during()`` returned.
         """
+        records, result = self.record_clean_batch_during(during, [item], [positions], layers)
+        return records[0], result
+
+    def record_clean_batch_during(self, during: Callable[[], Any], items: Sequence["AVInputs"],
+                                  positions: Sequence[torch.Tensor], layers: Sequence[int]
+                                  ) -> tuple[list[CleanRecord], Any]:
+        """`record_clean_during` for ``items`` that ``during()`` runs as one right-padded batch (in this order).
+
+        Each clip's record is cut out of the batch (`analyses.batching.take_row`) and equals, to
+        float rounding, the record of a prefill of that clip alone.
+        """
+        items = list(items)
         last = self.num_layers - 1
         if self.site not in ("input_layernorm", "resid_pre") or self.interventions is not None:
             result = during()
-            return self.record_clean(item, positions, layers), result
-        positions = torch.unique(torch.as_tensor(positions, dtype=torch.long).flatten().cpu())
-        values: dict[int, torch.Tensor] = {}
+            return [self.record_clean(it, p, layers) for it, p in zip(items, positions)], result
+        positions = [torch.unique(torch.as_tensor(p, dtype=torch.long).flatten().cpu()) for p in positions]
+        batch, total = len(items), max(len(it) for it in items)
+        values: list[dict[int, torch.Tensor]] = [{} for _ in items]
         recorder = _KVRecorder()
         seen: dict[str, Any] = {}
         handles = []
         for layer in sorted(set(layers)):
             def keep(t: torch.Tensor, layer: int = layer) -> None:
-                if t.shape[0] == 1 and t.shape[1] == len(item):
-                    values[layer] = t[0, positions.to(t.device)].detach().clone()
+                if t.shape[0] == batch and t.shape[1] == total:
+                    for row, pos in enumerate(positions):
+                        values[row][layer] = t[row, pos.to(t.device)].detach().clone()
             handles.append(self._site_hook(layer, keep))
 
         def pre(mod, args, kwargs, layer=None):
@@ -330,31 +345,74 @@ class PatchRunner:
             handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
         with _hooks(handles):
             result = during()
-        complete = (set(layers) <= set(values) and len(recorder.keys) == self.num_layers and "resid" in seen
-                    and seen["resid"].shape[:2] == (1, len(item)))
+        complete = (batch < total and all(set(layers) <= set(v) for v in values)
+                    and len(recorder.keys) == self.num_layers and "resid" in seen
+                    and seen["resid"].shape[:2] == (batch, total))
         if not complete:
-            return self.record_clean(item, positions, layers), result
-        total = len(item)
+            return [self.record_clean(it, p, layers) for it, p in zip(items, positions)], result
+        records = []
+        for row, item in enumerate(items):
+            n = len(item)
+            keys = {k: v[row:row + 1, :, :n] for k, v in recorder.keys.items()}
+            kv_values = {k: v[row:row + 1, :, :n] for k, v in recorder.values.items()}
+            kwargs = {k: take_row(v, row, batch, total, n) for k, v in seen["kwargs"].items()}
+            records.append(self._finish_clean(positions[row], values[row], seen["resid"][row:row + 1, :n], keys,
+                                              kv_values, kwargs))
+        return records, result
+
+    def _finish_clean(self, positions: torch.Tensor, values: dict[int, torch.Tensor], resid: torch.Tensor,
+                      keys: dict[Any, torch.Tensor], kv_values: dict[Any, torch.Tensor], kwargs: dict[str, Any]
+                      ) -> CleanRecord:
+        """The clean record of a prefill that stopped inside the last layer: that layer is finished for the
+        last position alone from the recorded keys/values (``resid``: its input ``[1, T, hidden]``)."""
+        last, total = self.num_layers - 1, resid.shape[1]
         kwargs_list: list[dict[str, Any]] = [{} for _ in range(self.num_layers)]
-        kwargs_list[last] = seen["kwargs"]
-        partial = CorruptRecord(None, total, {last: seen["resid"]}, recorder.keys, recorder.values, kwargs_list,
-                                [None] * self.num_layers)
+        kwargs_list[last] = kwargs
+        partial = CorruptRecord(None, total, {last: resid}, keys, kv_values, kwargs_list, [None] * self.num_layers)
         with torch.no_grad():
-            hidden = seen["resid"][:, total - 1:]
-            cache = _PrefixKV(recorder.keys, recorder.values, total - 1)
+            hidden = resid[:, total - 1:]
+            cache = _PrefixKV(keys, kv_values, total - 1)
             kw = self._layer_kwargs(partial, last, total - 1, self._suffix_mask(partial, last, total - 1, hidden),
                                     cache)
             hidden = _first(self.layers[last](hidden, **kw))
             logits = self.lm_head(self.final_norm(hidden[:, -1:]))[:, 0, :][0]
-        return CleanRecord(self.probs(logits), positions, values, recorder.keys, recorder.values), result
+        return CleanRecord(self.probs(logits), positions, values, keys, kv_values)
 
     def record_corrupt(self, item: "AVInputs", starts: Sequence[int] | None = None) -> CorruptRecord:
         """Corrupted forward caching the residual at ``starts`` (default: every layer), the keys/values
         and the layer keyword arguments."""
         with self.extra(item):         # opened first: the recorder below reads each layer's input before it
-            return self._record_corrupt(item, starts)
+            return self._record_corrupt([item], starts)[0]
 
-    def _record_corrupt(self, item: "AVInputs", starts: Sequence[int] | None) -> CorruptRecord:
+    def record_corrupt_batch(self, items: Sequence["AVInputs"], starts: Sequence[int] | None = None
+                             ) -> list[CorruptRecord]:
+        """`record_corrupt` of each of ``items`` from one right-padded forward; each record equals, to float
+        rounding, that of the clip alone. Encoder-ablated inputs and runs with ``interventions`` go one by one."""
+        items = list(items)
+        if len(items) == 1 or self.interventions is not None or any(zeroed_of(it) for it in items) \
+                or len(items) >= min(len(it) for it in items):
+            return [self.record_corrupt(it, starts) for it in items]
+        return self._record_corrupt(items, starts)
+
+    def corrupt_probs_batch(self, items: Sequence["AVInputs"]) -> list[torch.Tensor]:
+        """`corrupt_probs` of each of ``items`` from one right-padded forward (one by one where `record_corrupt_batch`
+        would go one by one)."""
+        items = list(items)
+        if len(items) == 1 or self.interventions is not None or any(zeroed_of(it) for it in items):
+            return [self.corrupt_probs(it) for it in items]
+        with torch.no_grad():
+            return list(self.probs(self._forward_batch(items)))
+
+    def _forward_batch(self, items: Sequence["AVInputs"], extra: bool = True) -> torch.Tensor:
+        """`_forward` of ``items`` as one right-padded batch: each one's last-position logits ``[B, vocab]``."""
+        if len(items) == 1:
+            return self._forward(items[0], extra)[None]
+        items = [on_device(self.model, it) for it in items]
+        with last_logits_only(self.model, [len(it) - 1 for it in items]):
+            logits = self.model.raw()(**collate_inputs(self.model, items), use_cache=False).logits
+        return logits[:, -1]
+
+    def _record_corrupt(self, items: Sequence["AVInputs"], starts: Sequence[int] | None) -> list[CorruptRecord]:
         starts = set(range(self.num_layers) if starts is None else starts)
         recorder = _KVRecorder()
         resid: dict[int, torch.Tensor] = {}
@@ -380,20 +438,27 @@ class PatchRunner:
             handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
             handles.append(layer.register_forward_hook(post))
         with torch.no_grad(), _hooks(handles):
-            logits = self._forward(item, extra=False)
+            logits = self._forward_batch(items, extra=False)
         if len(recorder.keys) != self.num_layers:
             raise InputError(f"the model's attention did not use the cache slot in every layer "
                              f"({len(recorder.keys)} of {self.num_layers}); use method='naive' for this model")
+        batch, total = len(items), max(len(it) for it in items)
         deltas: list[torch.Tensor | None] = []
         for i in range(self.num_layers):
             nxt = inputs.get(i + 1)
-            if nxt is None or nxt is outputs[i]:
-                deltas.append(None)
-                continue
-            delta = nxt - outputs[i]
-            deltas.append(delta if bool(delta.abs().max() > 0) else None)
-        return CorruptRecord(self.probs(logits), len(item), resid, recorder.keys, recorder.values, kwargs_list,
-                             deltas, item)
+            deltas.append(None if nxt is None or nxt is outputs[i] else nxt - outputs[i])
+        probs = self.probs(logits)
+        records = []
+        for row, item in enumerate(items):
+            n = len(item)
+            cut = [None if d is None else d[row:row + 1, :n] for d in deltas]
+            records.append(CorruptRecord(
+                probs[row], n, {l: r[row:row + 1, :n] for l, r in resid.items()},
+                {k: v[row:row + 1, :, :n] for k, v in recorder.keys.items()},
+                {k: v[row:row + 1, :, :n] for k, v in recorder.values.items()},
+                [{k: take_row(v, row, batch, total, n) for k, v in kw.items()} for kw in kwargs_list],
+                [d if d is not None and bool(d.abs().max() > 0) else None for d in cut], item))
+        return records
 
     # -- patched continuation -------------------------------------------------------------
     def _suffix_mask(self, corrupt: CorruptRecord, layer: int, p0: int, like: torch.Tensor) -> Any:
