@@ -16,16 +16,10 @@ from analyses.patching import PatchRunner
 from analyses.runner import PipelineConfig, analyze_batch, analyze_clip, analyze_clips, clips_per_batch
 from nnsight_av.errors import InputError
 
+from test_tracing import one_thread  # noqa: F401 - autouse: one intra-op thread on the shared CPU
+
 SETTINGS = dict(token_sets=("all", "sink", "random"), window=2)
 SECONDS = (2.0, 4.0, 3.0, 2.0)             # different lengths; two of one length
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
