@@ -189,3 +189,20 @@ def test_batch_helpers():
         for group, out in prefetched([1, 2, 3], fails):
             seen.append(out)
     assert seen == [1]
+
+
+def test_cli_runs_batches_and_reports_clips_per_hour(tmp_path):
+    from typer.testing import CliRunner
+
+    from nnsight_av.cli import app
+
+    data = write_clips(tmp_path)
+    out = tmp_path / "trace.jsonl"
+    result = CliRunner().invoke(app, ["trace", str(data), "--model", "tiny", "--sink-dims", "0,1", "--tau", "2",
+                                      "--token-sets", "all", "--clip-batch", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "clips/hour" in result.output
+    summary = json.loads(out.with_name("trace.summary.json").read_text())
+    assert summary["throughput"]["clips"] == 4 and summary["throughput"]["max_batch_size"] == 3
+    assert summary["throughput"]["clips_per_hour"] > 0 and summary["config"]["clip_batch"] == 3
+    assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == ["c0", "c1", "c2", "c3"]
