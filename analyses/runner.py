@@ -409,13 +409,17 @@ def _run_prepared(model: "AVModel", pairs: list[tuple[ClipRecord, Any]], config:
 
 def _run_stages(model: "AVModel", batch: list[_Clip], config: PipelineConfig
                 ) -> Iterator[tuple[ClipRecord, Any]]:
+    failed: Exception | None = None
     try:
         _clean_stage(model, batch, config)
         _corrupt_stage(model, batch, config)
     except Exception as error:                          # noqa: BLE001 - a clip's failure is its record
+        failed = error
+    if failed is not None:
         if len(batch) == 1:
-            yield batch[0].record, error
+            yield batch[0].record, failed
             return
+        failed = None                                   # its traceback holds the batch's tensors: drop them first
         for clip in batch:                              # one by one: the failure stays with its clip
             clip.clean_rec = clip.rec_a = clip.rec_v = None
         if torch.cuda.is_available():

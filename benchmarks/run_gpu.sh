@@ -30,8 +30,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 python3 -c 'import torch, transformers, nnsight; print("torch", torch.__version__, "transformers",
 transformers.__version__, "nnsight", nnsight.__version__)'
 
-step tests 100 python3 -m pytest -p no:cacheprovider -o addopts="" -q -rs tests/test_gpu.py tests/test_mds.py tests/test_rope.py \
-  tests/test_asd.py tests/test_host_syncs.py -k "gpu or triton"
+step tests 130 python3 -m pytest -p no:cacheprovider -o addopts="" -q -rs tests/test_gpu.py tests/test_mds.py tests/test_rope.py \
+  tests/test_asd.py tests/test_host_syncs.py tests/test_batching.py -k "gpu or triton"
 step trace 120 python3 benchmarks/bench_trace.py --tokens 1700 8000 --repeat 20 --out "$out/trace.json"
 step rope 150 python3 benchmarks/bench_rope.py --tokens 1600 --repeat 20 --out "$out/rope.json"
 step tracing 300 python3 benchmarks/bench_tracing.py --repeat 3 --out "$out/tracing.json"

@@ -206,3 +206,15 @@ def test_cli_runs_batches_and_reports_clips_per_hour(tmp_path):
     assert summary["throughput"]["clips"] == 4 and summary["throughput"]["max_batch_size"] == 3
     assert summary["throughput"]["clips_per_hour"] > 0 and summary["config"]["clip_batch"] == 3
     assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == ["c0", "c1", "c2", "c3"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (batch size from free GPU memory)")
+def test_gpu_auto_batch_size_from_free_memory():
+    model = nav.load("toy-omni")
+    model._module.to("cuda")
+    stats: dict = {}
+    config = PipelineConfig(**SETTINGS)                               # clip_batch="auto"
+    done = {record.id: out for record, out in analyze_clips(model, clips(), config, stats=stats)}
+    assert max(stats["batch_sizes"]) > 1 and stats["peak_memory_gib"] > 0
+    for record in clips():
+        assert_same_record(analyze_clip(model, record, config), done[record.id], tol=1e-4)
