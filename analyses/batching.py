@@ -28,12 +28,16 @@ if TYPE_CHECKING:
     from nnsight_av import AVInputs, AVModel
 
 __all__ = ["free_memory", "pipeline_token_bytes", "choose_batch_size", "resolve_batch_size", "length_batches",
-           "collate_inputs", "take_row", "prefetched", "MEMORY_SHARE", "MAX_BATCH", "CPU_BATCH"]
+           "collate_inputs", "take_row", "prefetched", "MEMORY_SHARE", "MAX_BATCH", "MAX_BATCH_TOKENS",
+           "CPU_BATCH"]
 
 #: Share of the free memory a batch may take (the rest is headroom for the allocator and kernels' workspace).
 MEMORY_SHARE = 0.5
-#: Largest batch `choose_batch_size` picks: beyond it a GPU is saturated at ~1.6k tokens and memory only grows.
-MAX_BATCH = 16
+#: Most clips `choose_batch_size` puts in one batch,
+MAX_BATCH = 64
+#: and most tokens (clips x the longest one): a forward of this many tokens keeps a GPU busy, so larger
+#: batches only cost memory (and make the first batch of a run wait longer for its inputs).
+MAX_BATCH_TOKENS = 16_384
 #: Batch size on a CPU without a memory reading (a CPU gains little from batching; it only bounds memory).
 CPU_BATCH = 4
 
@@ -84,19 +88,20 @@ def pipeline_token_bytes(model: "AVModel") -> int:
 
 
 def choose_batch_size(model: "AVModel", tokens: int, *, share: float = MEMORY_SHARE, max_batch: int = MAX_BATCH,
-                      free: int | None = None, token_bytes: int | None = None) -> int:
+                      max_tokens: int = MAX_BATCH_TOKENS, free: int | None = None, token_bytes: int | None = None
+                      ) -> int:
     """Clips per batch so that ``share`` of the free memory holds a batch of ``tokens``-token clips.
 
     ``free`` overrides the measured free bytes (`free_memory` of the model's device), ``token_bytes``
     the estimate of `pipeline_token_bytes` (e.g. with a measured one). Without a memory reading:
-    `CPU_BATCH`. Always between 1 and ``max_batch``.
+    `CPU_BATCH`. Always between 1 and ``max_batch``, and at most ``max_tokens`` tokens in all.
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
     >>> choose_batch_size(model, 1600, free=10 * 1600 * pipeline_token_bytes(model))
     5
-    >>> choose_batch_size(model, 1600, free=0)
-    1
+    >>> choose_batch_size(model, 1600, free=0), choose_batch_size(model, 1600, free=2**50)
+    (1, 10)
     """
     if not 0 < share <= 1:
         raise InputError(f"share must be in (0, 1], got {share!r}")
@@ -106,8 +111,9 @@ def choose_batch_size(model: "AVModel", tokens: int, *, share: float = MEMORY_SH
         free = free_memory(model.raw("embed").weight.device)
     if free is None:
         return min(CPU_BATCH, max_batch)
-    per_clip = max(1, int(tokens)) * (token_bytes or pipeline_token_bytes(model))
-    return max(1, min(max_batch, int(share * free) // per_clip))
+    tokens = max(1, int(tokens))
+    per_clip = tokens * (token_bytes or pipeline_token_bytes(model))
+    return max(1, min(max_batch, max_tokens // tokens, int(share * free) // per_clip))
 
 
 def resolve_batch_size(value: "int | str | None", what: str = "clip_batch") -> "int | None":

@@ -23,7 +23,7 @@ from nnsight_av.errors import InputError
 
 from .clips import ResultStore, error_record, merge_shards, run_clips, shard_info, shard_path  # noqa: F401
 from .ablation import ablate
-from .batching import MAX_BATCH, choose_batch_size, length_batches, pipeline_token_bytes, prefetched, resolve_batch_size
+from .batching import choose_batch_size, length_batches, pipeline_token_bytes, prefetched, resolve_batch_size
 from .datasets import ClipRecord, DatasetCheck, check_dataset, max_positions
 from .dominance import DominanceResult, dominance_label
 from .mds import sink_analysis
@@ -324,8 +324,11 @@ def analyze_batch(model: "AVModel", records: Sequence[ClipRecord], config: Pipel
     return [by_id[r.id] for r in records]
 
 
-#: With ``clip_batch`` > 1, clips are prepared this many batches ahead and sorted by length within them.
+#: With ``clip_batch`` > 1, clips are prepared in groups of this many batches (of the next ``AUTO_WINDOW``
+#: clips with ``"auto"``), the next group while the model runs the current one, and sorted by length within
+#: a group. Only the first group's preparation is not hidden behind the model's work.
 WINDOW_BATCHES = 2
+AUTO_WINDOW = 16
 
 
 def analyze_clips(model: "AVModel", records: Sequence[ClipRecord], config: PipelineConfig | None = None, *,
@@ -333,8 +336,8 @@ def analyze_clips(model: "AVModel", records: Sequence[ClipRecord], config: Pipel
     """``(record, result or exception)`` for every clip, batched for throughput (what `trace_dataset` runs).
 
     ``config.clip_batch``: clips per batch, or ``"auto"``: on a GPU as many as half the free
-    memory holds (`analyses.batching.choose_batch_size`, recalibrated from each batch's measured
-    peak), on a CPU one (its forwards gain nothing from batching). The next clips are prepared
+    memory holds, at most 16k tokens a batch (`analyses.batching.choose_batch_size`, recalibrated
+    from each group's measured peak), on a CPU one (its forwards gain nothing from batching). The next clips are prepared
     (processor, ablated copies) on a thread while the model runs, sorted by length
     (`length_batches`) and grouped by answer options. ``stats`` (a dict) receives the batch
     sizes used and the peak memory. Results come batch by batch, in each batch's order.
@@ -343,7 +346,7 @@ def analyze_clips(model: "AVModel", records: Sequence[ClipRecord], config: Pipel
     fixed = clips_per_batch(model, config)
     device = model.raw("embed").weight.device
     cuda = device.type == "cuda"
-    window = 1 if fixed == 1 else WINDOW_BATCHES * (fixed or MAX_BATCH)
+    window = AUTO_WINDOW if fixed is None else 1 if fixed == 1 else WINDOW_BATCHES * fixed
     groups = [list(records[i:i + window]) for i in range(0, len(records), window)]
     stats = stats if stats is not None else {}
     stats.setdefault("batch_sizes", [])

@@ -64,7 +64,7 @@ def max_diff(a: list[dict], b: list[dict]) -> float:
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--clips", type=int, default=16, help="clips per timed call")
+    p.add_argument("--clips", type=int, default=32, help="clips per timed call (two groups of 16 with auto)")
     p.add_argument("--spread", type=float, default=0.15, help="clip lengths vary by this share around --tokens")
     p.add_argument("--clip-batch", default="auto", help="clips per batch (a number or auto)")
     args = p.parse_args()
