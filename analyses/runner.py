@@ -337,10 +337,11 @@ def analyze_clips(model: "AVModel", records: Sequence[ClipRecord], config: Pipel
 
     ``config.clip_batch``: clips per batch, or ``"auto"``: on a GPU as many as half the free
     memory holds, at most 16k tokens a batch (`analyses.batching.choose_batch_size`, recalibrated
-    from each group's measured peak), on a CPU one (its forwards gain nothing from batching). The next clips are prepared
-    (processor, ablated copies) on a thread while the model runs, sorted by length
-    (`length_batches`) and grouped by answer options. ``stats`` (a dict) receives the batch
-    sizes used and the peak memory. Results come batch by batch, in each batch's order.
+    from each group's measured peak), on a CPU one (its forwards gain nothing from batching).
+    The next clips are prepared (processor, ablated copies) on a thread while the model runs,
+    sorted by length (`length_batches`) and grouped by answer options. ``stats`` (a dict)
+    receives the batch sizes used and, on a GPU, ``peak_memory_gib`` (the most allocated at
+    once, the weights included). Results come batch by batch, in each batch's order.
     """
     config = config or PipelineConfig()
     fixed = clips_per_batch(model, config)
