@@ -544,7 +544,7 @@ def trace_dataset(
     ``overwrite=True`` (which starts it again). Clips run in batches (`analyze_clips`;
     ``clip_batch=`` sets the clips per batch, default ``"auto"``: from free memory on a GPU, one
     on a CPU; with one, `analyze_clip` runs clip by clip in data set order); the result's
-    ``throughput`` (and `PipelineResult.summary`) gives the clips/hour.
+    ``throughput`` (and `PipelineResult.facts`) gives the clips/hour.
     """
     config = config or PipelineConfig()
     if "sinks" in overrides:

@@ -104,7 +104,7 @@ def test_dataset_run_batched_matches_clip_by_clip_and_resumes(toy, tmp_path, mon
     data = write_clips(tmp_path)
     whole = trace_dataset(toy, data, tmp_path / "one.jsonl", progress=False, clip_batch=1, **SETTINGS)
     assert whole.throughput["clips"] == 4 and whole.throughput["clips_per_hour"] > 0
-    assert whole.summary()["throughput"]["clips_per_hour"] == whole.throughput["clips_per_hour"]
+    assert whole.facts()["throughput"]["clips_per_hour"] == whole.throughput["clips_per_hour"]
 
     real, calls = runner_module._finish, []
 
