@@ -267,9 +267,10 @@ def trace_command(
         summary = result.facts()
         summary_path = out.with_name(out.stem + ".summary.json")
         replace_text(summary_path, json.dumps({"config": result.config, **summary}, indent=1))
-        speed = summary["throughput"]
-        typer.echo(f"clips: {summary['clips']}  errors: {summary['errors']}  dominance: {summary['dominance']}  "
-                   f"throughput: {speed['clips_per_hour']:.0f} clips/hour ({speed['clips']} clips run now)")
+        speed = summary.get("throughput") or {}
+        rate = (f"  throughput: {speed['clips_per_hour']:.0f} clips/hour ({speed['clips']} clips run now)"
+                if "clips_per_hour" in speed else "")
+        typer.echo(f"clips: {summary['clips']}  errors: {summary['errors']}  dominance: {summary['dominance']}{rate}")
         trace = result.trace
         if trace is not None:
             typer.echo(trace.table().to_string(float_format=lambda v: f"{v:.3f}"))
