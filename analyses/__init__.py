@@ -12,7 +12,9 @@ from .options import letter_probs, option_probs, option_token_ids
 from .dominance import DominanceResult, clip_dominance, dominance, dominance_label
 from .tracing import DEFAULT_TOKEN_SETS, SITES, TOKEN_SETS, PatchRunner, TraceResult, causal_trace, rank_agreement
 from .datasets import ClipRecord, InvalidRecord, check_dataset, read_dataset, write_dataset
-from .runner import PipelineConfig, PipelineResult, analyze_clip, merge_shards, run_clips, trace_dataset
+from .runner import PipelineConfig, PipelineResult, analyze_batch, analyze_clip, analyze_clips, merge_shards, run_clips
+from .runner import trace_dataset
+from .batching import choose_batch_size
 from .decoding import DecodeOutput, blank_modality, fmd_generate, greedy_generate, noised_features, vcd_generate
 from .asd import ASDConfig, ASDOutput, asd_generate, asd_sink_sets, strength_schedule, strength_target
 from .chair import ChairResult, Vocabulary, chair, example_vocabulary, load_vocabulary

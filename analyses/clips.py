@@ -20,7 +20,7 @@ import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from nnsight_av.errors import InputError
 
@@ -28,7 +28,7 @@ from .datasets import ClipRecord, InvalidRecord
 from .store import (OutputLock, OutputLockedError, append_jsonl, check_settings, read_jsonl, remove_output,
                     repair_tail, write_jsonl)
 
-__all__ = ["ResultStore", "shard_info", "shard_path", "run_clips", "merge_shards", "error_record",
+__all__ = ["ResultStore", "shard_info", "shard_path", "run_clips", "merge_shards", "error_record", "clips_per_hour",
            "DEFAULT_WAIT_TIMEOUT", "PEER_GRACE"]
 
 
@@ -175,6 +175,45 @@ def _wait_for_ranks(out: Path, order: Sequence[str], world: int, retry_errors: b
         pause = min(2.0, pause * 1.5)
 
 
+def clips_per_hour(clips: int, seconds: float) -> float:
+    """Throughput of a run: ``clips`` done in ``seconds`` (0 before the first second-fraction passes).
+
+    >>> clips_per_hour(10, 36.0)
+    1000.0
+    """
+    return 3600.0 * clips / seconds if seconds > 0 else 0.0
+
+
+def _as_record(record: ClipRecord, value: Any) -> dict[str, Any]:
+    if isinstance(value, BaseException):
+        return error_record(record.id, value)
+    result = dict(value)
+    result["id"] = record.id
+    result.setdefault("status", "ok")
+    return result
+
+
+def _results(todo: Sequence[Any], fn: Callable[[ClipRecord], Mapping[str, Any]] | None,
+             batched: Callable[[list[ClipRecord]], Any] | None) -> Any:
+    """``(record, saved record)`` for each clip of ``todo``: invalid ones as error records, the rest by
+    ``fn`` one at a time (in order) or by ``batched`` all together (in the order it finishes them)."""
+    valid = []
+    for record in todo:
+        if isinstance(record, InvalidRecord):
+            yield record, _invalid_record(record)
+        elif batched is not None:
+            valid.append(record)
+        else:
+            try:
+                saved = _as_record(record, fn(record))          # type: ignore[misc]
+            except Exception as error:                          # noqa: BLE001 - a clip's failure is its record
+                saved = error_record(record.id, error)
+            yield record, saved
+    if valid:
+        for record, value in batched(valid):                    # type: ignore[misc]
+            yield record, _as_record(record, value)
+
+
 def run_clips(
     records: Sequence[ClipRecord | InvalidRecord],
     fn: Callable[[ClipRecord], Mapping[str, Any]],
@@ -189,6 +228,8 @@ def run_clips(
     wait_timeout: float | None = None,
     settings: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    batched: "Callable[[list[ClipRecord]], Iterable[tuple[ClipRecord, Any]]] | None" = None,
+    stats: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``fn`` on each clip not saved yet, appending each result to the JSONL ``out``.
 
@@ -205,6 +246,11 @@ def run_clips(
     ``NNSIGHT_AV_WAIT_TIMEOUT``), or after 120 s when no other rank is running at all.
     Returns the records of this process's clips, or every record once merged (rank 0 /
     single process), in data set order.
+
+    ``batched(records)``, when given, runs instead of ``fn``: it gets every valid clip still to do
+    and yields ``(record, result or exception)`` as clips finish, in any order (e.g.
+    `analyses.runner.analyze_clips`); each is saved at once. The progress bar shows clips/hour;
+    ``stats`` (a dict) receives ``clips`` (computed in this call), ``seconds`` and ``clips_per_hour``.
     """
     from tqdm.auto import tqdm
 
@@ -233,20 +279,18 @@ def run_clips(
         todo = [r for r in mine if r.id not in saved]
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo),
                    desc=desc if world == 1 else f"{desc} [rank {rank}]", disable=not progress)
-        for record in todo:
-            if isinstance(record, InvalidRecord):
-                result = _invalid_record(record)
-            else:
-                try:
-                    result = dict(fn(record))
-                    result["id"] = record.id
-                    result.setdefault("status", "ok")
-                except Exception as error:                      # noqa: BLE001 - a clip's failure is its record
-                    result = error_record(record.id, error)
+        started, computed = time.perf_counter(), 0
+        for record, result in _results(todo, fn, batched):
             target.append(result)
             saved[record.id] = result
+            computed += 1
             bar.update(1)
+            bar.set_postfix_str(f"{clips_per_hour(computed, time.perf_counter() - started):.0f} clips/h", refresh=False)
         bar.close()
+        if stats is not None:
+            seconds = time.perf_counter() - started
+            stats.update(clips=computed, seconds=round(seconds, 3),
+                         clips_per_hour=round(clips_per_hour(computed, seconds), 1))
         if world == 1:
             if merge and _shard_files(out):
                 return merge_shards(out, order)

@@ -48,6 +48,7 @@ from interventions.site import ALIASES, Site, canonical_role
 from nnsight_av.errors import InputError
 
 from .ablation import ablation_intervention
+from .batching import collate_inputs, take_row
 from .options import last_logits_only, letter_probs, normalize_options, on_device, option_token_ids
 from .token_sets import Condition
 
@@ -215,31 +216,65 @@ class PatchRunner:
         ``resid_pre`` sites; when anything is missing the clean run is made separately.
         Returns the record and what ``during()`` returned.
         """
+        records, result = self.record_clean_batch_during(during, [item], [positions], layers)
+        return records[0], result
+
+    def record_clean_batch_during(self, during: Callable[[], Any], items: Sequence["AVInputs"],
+                                  positions: Sequence[torch.Tensor], layers: Sequence[int]
+                                  ) -> tuple[list[CleanRecord], Any]:
+        """`record_clean_during` for ``items`` that ``during()`` runs as one right-padded batch (in this order).
+
+        Each clip's record is cut out of the batch (`analyses.batching.take_row`) and equals, to
+        float rounding, the record of a prefill of that clip alone.
+        """
+        items = list(items)
         last = self.num_layers - 1
         if self.site not in ("input_layernorm", "resid_pre") or self.interventions is not None \
-                or ablation_intervention(item) is not None:
+                or any(ablation_intervention(it) is not None for it in items):
             result = during()
-            return self.record_clean(item, positions, layers), result
-        positions = torch.unique(torch.as_tensor(positions, dtype=torch.long).flatten().cpu())
-        values: dict[int, torch.Tensor] = {}
+            return [self.record_clean(it, p, layers) for it, p in zip(items, positions)], result
+        positions = [torch.unique(torch.as_tensor(p, dtype=torch.long).flatten().cpu()) for p in positions]
+        batch, total = len(items), max(len(it) for it in items)
+        values: list[dict[int, torch.Tensor]] = [{} for _ in items]
 
         def keep(layer: int, t: torch.Tensor) -> None:
-            if t.shape[0] == 1 and t.shape[1] == len(item):
-                values[layer] = t[0, positions.to(t.device)].detach().clone()
+            if t.shape[0] == batch and t.shape[1] == total:
+                for row, pos in enumerate(positions):
+                    values[row][layer] = t[row, pos.to(t.device)].detach().clone()
         with self._observe(layers, keep), recording(self.layers, starts=[last]) as recorder:
             result = during()
         seen = recorder.resid.get(last)
-        complete = (set(layers) <= set(values) and recorder.used_every_layer() and seen is not None
-                    and seen.shape[:2] == (1, len(item)))
+        complete = ((batch == 1 or batch < total) and all(set(layers) <= set(v) for v in values)
+                    and recorder.used_every_layer() and seen is not None and seen.shape[:2] == (batch, total))
         if not complete:
-            return self.record_clean(item, positions, layers), result
-        total = len(item)
-        partial = recorder.record(total, deltas=False)
+            return [self.record_clean(it, p, layers) for it, p in zip(items, positions)], result
+        whole = recorder.record(total, deltas=False)
+        records = []
+        for row, item in enumerate(items):
+            partial = whole if batch == 1 else self._row_record(whole, row, batch, len(item))
+            records.append(self._finish_clean(positions[row], values[row], partial))
+        return records, result
+
+    def _row_record(self, record: LayerRecord, row: int, batch: int, length: int) -> LayerRecord:
+        """Row ``row`` of a right-padded batch's `LayerRecord`, cut to that clip's ``length``."""
+        total = record.length
+        deltas = [None if d is None else d[row:row + 1, :length] for d in record.deltas]
+        return LayerRecord(length, {l: r[row:row + 1, :length] for l, r in record.resid.items()},
+                           {k: v[row:row + 1, :, :length] for k, v in record.keys.items()},
+                           {k: v[row:row + 1, :, :length] for k, v in record.values.items()},
+                           [{k: take_row(v, row, batch, total, length) for k, v in kw.items()} for kw in record.kwargs],
+                           [d if d is not None and bool(d.abs().max() > 0) else None for d in deltas])
+
+    def _finish_clean(self, positions: torch.Tensor, values: dict[int, torch.Tensor], partial: LayerRecord
+                      ) -> CleanRecord:
+        """The clean record of a prefill that stopped inside the last layer: that layer is finished for the
+        last position alone from the recorded keys/values."""
+        last, total = self.num_layers - 1, partial.length
         with torch.no_grad():
-            hidden = resume(self.layers, partial, last, seen[:, total - 1:],
+            hidden = resume(self.layers, partial, last, partial.resid[last][:, total - 1:],
                             PrefixKV(partial.keys, partial.values, total - 1), attn_impl=self.attn_impl, p0=total - 1)
-            logits = self.lm_head(self.final_norm(hidden[:, -1:]))[:, 0, :][0]
-        return CleanRecord(self.probs(logits), positions, values, partial.keys, partial.values), result
+            logits = self._logits(hidden)[0]
+        return CleanRecord(self.probs(logits), positions, values, partial.keys, partial.values)
 
     def record_corrupt(self, item: "AVInputs", starts: Sequence[int] | None = None) -> CorruptRecord:
         """Corrupted forward caching the residual at ``starts`` (default: every layer), the keys/values
@@ -251,6 +286,47 @@ class PatchRunner:
         record = recorder.record(len(item))
         return CorruptRecord(**{f.name: getattr(record, f.name) for f in fields(record)}, probs=self.probs(logits),
                              item=item)
+
+    def _one_by_one(self, items: Sequence["AVInputs"]) -> bool:
+        """Whether ``items`` go one forward each: a single clip, user interventions or an encoder ablation."""
+        return len(items) == 1 or self.interventions is not None \
+            or any(ablation_intervention(it) is not None for it in items)
+
+    def record_corrupt_batch(self, items: Sequence["AVInputs"], starts: Sequence[int] | None = None
+                             ) -> list[CorruptRecord]:
+        """`record_corrupt` of each of ``items`` from one right-padded forward; each record equals, to float
+        rounding, that of the clip alone. Encoder-ablated inputs and runs with ``interventions`` go one by one."""
+        items = list(items)
+        if self._one_by_one(items) or len(items) >= min(len(it) for it in items):
+            return [self.record_corrupt(it, starts) for it in items]
+        with torch.no_grad(), recording(self.layers, starts) as recorder:
+            logits = self._forward_batch(items)
+        batch, total = len(items), max(len(it) for it in items)
+        whole = recorder.record(total)
+        probs = self.probs(logits)
+        records = []
+        for row, item in enumerate(items):
+            record = self._row_record(whole, row, batch, len(item))
+            records.append(CorruptRecord(**{f.name: getattr(record, f.name) for f in fields(record)},
+                                         probs=probs[row], item=item))
+        return records
+
+    def corrupt_probs_batch(self, items: Sequence["AVInputs"]) -> list[torch.Tensor]:
+        """`corrupt_probs` of each of ``items`` from one right-padded forward (one by one where `record_corrupt_batch`
+        would go one by one)."""
+        items = list(items)
+        if self._one_by_one(items):
+            return [self.corrupt_probs(it) for it in items]
+        with torch.no_grad():
+            return list(self.probs(self._forward_batch(items)))
+
+    def _forward_batch(self, items: Sequence["AVInputs"]) -> torch.Tensor:
+        """Plain forward of ``items`` (no interventions) as one right-padded batch: each one's last-position
+        logits ``[B, vocab]``."""
+        items = [on_device(self.model, it) for it in items]
+        with last_logits_only(self.model, [len(it) - 1 for it in items]):
+            logits = self.model.raw()(**collate_inputs(self.model, items), use_cache=False).logits
+        return logits[:, -1]
 
     # -- patched continuation -------------------------------------------------------------
     def _source(self, clean: CleanRecord, corrupt: CorruptRecord) -> ActivationCache:

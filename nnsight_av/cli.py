@@ -227,6 +227,8 @@ def trace_command(
     correctness: bool = typer.Option(False, help="a dominant clip must also answer correctly with both modalities"),
     seed: int = typer.Option(0, help="seed of the random token sets"),
     batch_size: int = typer.Option(4, min=1, help="patched conditions per forward"),
+    clip_batch: str = typer.Option("auto", help="clips per batch: a number, or auto (from free GPU memory; 1 on "
+                                                "a CPU)"),
     retry_errors: bool = typer.Option(False, help="recompute clips saved with an error"),
     overwrite: bool = typer.Option(False, "--overwrite", "--new",
                                    help="start the output again (its records are deleted) instead of resuming it"),
@@ -251,7 +253,8 @@ def trace_command(
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         config = PipelineConfig(token_sets=tuple(s.strip() for s in token_sets.split(",") if s.strip()), site=site,
                                 window=window or None, method=method, ablation=ablation, correctness=correctness,
-                                seed=seed, batch_size=batch_size, sinks=sinks.config).validate()
+                                seed=seed, batch_size=batch_size, clip_batch=clip_batch,
+                                sinks=sinks.config).validate()
         check = check_dataset(dataset)
         rank, world = shard_info()
         if check.invalid and rank == 0:
@@ -264,7 +267,10 @@ def trace_command(
         summary = result.facts()
         summary_path = out.with_name(out.stem + ".summary.json")
         replace_text(summary_path, json.dumps({"config": result.config, **summary}, indent=1))
-        typer.echo(f"clips: {summary['clips']}  errors: {summary['errors']}  dominance: {summary['dominance']}")
+        speed = summary.get("throughput") or {}
+        rate = (f"  throughput: {speed['clips_per_hour']:.0f} clips/hour ({speed['clips']} clips run now)"
+                if "clips_per_hour" in speed else "")
+        typer.echo(f"clips: {summary['clips']}  errors: {summary['errors']}  dominance: {summary['dominance']}{rate}")
         trace = result.trace
         if trace is not None:
             typer.echo(trace.table().to_string(float_format=lambda v: f"{v:.3f}"))

@@ -285,6 +285,7 @@ def no_model(monkeypatch):
     (["--token-sets", "all,snk"], "did you mean 'sink'?"),
     (["--sink-dims", "1,x"], "--sink-dims must be comma-separated ints"),
     (["--method", "exactly"], "unknown tracing method"),
+    (["--clip-batch", "many"], "clip_batch must be a positive int or 'auto'"),
     (["--model", "toy-omin"], "did you mean 'toy-omni'?"),
     (["--model", "./no/such/folder"], "not a known name (toy-omni, smol-omni, tiny)"),
 ])
