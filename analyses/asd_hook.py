@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 from interventions.attention_edits import boost_amount, boosted_attention
+from interventions.attention_math import attention_with_lse
 from interventions.runtime.routing import AttentionHook
 from nnsight_av.errors import InputError, TokenSelectionError
 
 from .asd_config import SINK_SETS, ASDConfig
 from .asd_kernel import decode_attention
-from .attention import attention_with_lse, column_sums
+from .column_math import column_sums
 from .decoding import as_inputs
 from .mds import MDSResult, sink_analysis
 from .sinks import SinkResult

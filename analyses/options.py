@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import torch
 from jaxtyping import Float
 
+from nnsight_av.batching import as_list
 from nnsight_av.errors import InputError, TokenSelectionError
 
 from .ablation import encoder_edit, zeroed_of
-from .attention import as_list
 
 if TYPE_CHECKING:
     from nnsight_av import AVInputs, AVModel
@@ -77,7 +77,7 @@ def option_token_ids(tokenizer: Any, options: Any) -> list[list[int]]:
 
 
 def letter_probs(logits: Float[torch.Tensor, "... vocab"], token_ids: Sequence[Sequence[int]]
-                 ) -> Float[torch.Tensor, "... option"]:
+                 ) -> Float[torch.Tensor, "... options"]:
     """``max(P["o"], P[" o"])`` per option from last-position logits (softmax in float32).
 
     >>> logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
@@ -90,7 +90,7 @@ def letter_probs(logits: Float[torch.Tensor, "... vocab"], token_ids: Sequence[S
     return torch.stack(cols, dim=-1)
 
 
-def answers(probs: Float[torch.Tensor, "... option"], options: Any) -> list[str] | str:
+def answers(probs: Float[torch.Tensor, "... options"], options: Any) -> list[str] | str:
     """The argmax letter (per row); ties go to the earlier option.
 
     >>> answers(torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]]), "ABC")
@@ -148,7 +148,7 @@ def option_probs(
     *,
     batch_size: int = 8,
     progress: bool = False,
-) -> Float[torch.Tensor, "... option"]:
+) -> Float[torch.Tensor, "... options"]:
     """Probability of each answer letter at the first generated position, for one input or a batch.
 
     One forward per ``batch_size`` inputs (one ``tracer.invoke`` each, right padded, so

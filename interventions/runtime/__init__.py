@@ -10,6 +10,8 @@ objects on the plain modules (``model.raw(...)``) instead:
   steps (KV-cache handling, rope positions);
 - `hooks`: `applied`, which compiles interventions to the same ops the nnsight engine runs
   and executes them from forward hooks and the routed attention function.
+- `prefill`: `run_prefill`, one prefill that hands the residual stream and each layer's
+  post-rotary q/k with the attention normalisers to callbacks (what sink and MDS analyses read).
 
 ``interventions.run(..., runtime="hooks")`` / ``interventions.generate(..., runtime="hooks")``
 use it; tests check both runtimes give the same outputs for every primitive.
@@ -17,7 +19,9 @@ use it; tests check both runtimes give the same outputs for every primitive.
 
 from .decoder import Decoder, Prefill, StopForward, data_on, sync_device
 from .hooks import HookExecutor, applied
+from .prefill import read_attention, run_prefill
 from .routing import ATTENTION_IMPLEMENTATION, AttentionHook, active_hooks, route_attention
 
 __all__ = ["Decoder", "Prefill", "StopForward", "data_on", "sync_device", "ATTENTION_IMPLEMENTATION",
-           "AttentionHook", "active_hooks", "route_attention", "applied", "HookExecutor"]
+           "AttentionHook", "active_hooks", "route_attention", "applied", "HookExecutor",
+           "run_prefill", "read_attention"]
