@@ -97,16 +97,16 @@ def _triton_ready(query: torch.Tensor) -> bool:
 
 
 def decode_attention(
-    query: Float[torch.Tensor, "batch heads 1 dim"],
-    key: Float[torch.Tensor, "batch kv_heads keys dim"],
-    value: Float[torch.Tensor, "batch kv_heads keys dim"],
+    query: Float[torch.Tensor, "batch heads 1 head_dim"],
+    key: Float[torch.Tensor, "batch kv_heads keys head_dim"],
+    value: Float[torch.Tensor, "batch kv_heads keys head_dim"],
     scale: float,
-    flag: Float[torch.Tensor, "prompt"],
+    flag: Float[torch.Tensor, "seq"],
     boost: Float[torch.Tensor, "batch"],
-    weights: Float[torch.Tensor, "prompt 8"],
+    weights: Float[torch.Tensor, "seq 8"],
     multiplicative: bool = False,
     backend: str = "auto",
-) -> tuple[Float[torch.Tensor, "batch 1 heads dim"], Float[torch.Tensor, "batch heads 8"]]:
+) -> tuple[Float[torch.Tensor, "batch 1 heads head_dim"], Float[torch.Tensor, "batch heads 8"]]:
     """One query row per batch entry against the cached keys, with the ASD boost and statistics.
 
     ``query [B, heads, 1, d]``, ``key``/``value [B, kv_heads, T, d]``; ``flag [TP]`` marks the

@@ -79,8 +79,8 @@ class CleanRecord:
     the exact sweep uses for positions it need not compute (see `PatchRunner`).
     """
 
-    probs: Float[torch.Tensor, "option"]
-    positions: Int[torch.Tensor, "n"]
+    probs: Float[torch.Tensor, "options"]
+    positions: Int[torch.Tensor, "positions"]
     values: dict[int, torch.Tensor]                   # layer -> [n, hidden] on the model's device
     keys: dict[Any, torch.Tensor] | None = None
     kv_values: dict[Any, torch.Tensor] | None = None
@@ -90,7 +90,7 @@ class CleanRecord:
 class CorruptRecord:
     """The corrupted run, cached so a patched condition can start at any layer and position."""
 
-    probs: Float[torch.Tensor, "option"]
+    probs: Float[torch.Tensor, "options"]
     length: int
     resid: dict[int, torch.Tensor]                    # layer -> input of that layer [1, T, hidden]
     keys: dict[Any, torch.Tensor]                     # attention layer_idx -> post-rotary keys [1, kv, T, d]
@@ -548,7 +548,7 @@ class PatchRunner:
         return self.lm_head(self.final_norm(hidden[:, -1:]))[:, 0]
 
     def run(self, clean: CleanRecord, corrupt: CorruptRecord, conditions: Sequence[Condition], *,
-            batch_size: int = 4, progress: bool = False) -> Float[torch.Tensor, "condition option"]:
+            batch_size: int = 4, progress: bool = False) -> Float[torch.Tensor, "conditions options"]:
         """Letter probabilities of each patched condition (the exact sweep described above)."""
         from tqdm.auto import tqdm
 
@@ -586,7 +586,7 @@ class PatchRunner:
 
     # -- reference and first-order methods ------------------------------------------------
     def run_naive(self, clean: CleanRecord, corrupt_item: "AVInputs", conditions: Sequence[Condition], *,
-                  progress: bool = False) -> Float[torch.Tensor, "condition option"]:
+                  progress: bool = False) -> Float[torch.Tensor, "conditions options"]:
         """One full nnsight forward of the corrupted input per condition (the slow reference)."""
         import nnsight
         from tqdm.auto import tqdm
