@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float, Int
 
 from interventions.runtime.prefill import run_prefill
-from nnsight_av.batching import as_list, batch_tensors, progress_batches
+from nnsight_av.batching import as_list, batch_tensors, check_layers, progress_batches
 from nnsight_av.errors import InputError, TokenSelectionError
 from nnsight_av.spans import MODALITY_CODES
 
@@ -322,7 +322,7 @@ def modality_dominance(
     for item in items:
         _check_av(item)
     found = [_sink_positions(s, it) for s, it in zip(per_item, items)]
-    layer_list = list(range(model.num_layers)) if layers is None else [model.check_layer(l) for l in layers]
+    layer_list = check_layers(model, layers)
     results: list[MDSResult | None] = [None] * len(items)
     todo = [i for i, (pos, _) in enumerate(found) if pos.numel()]
     for i, (pos, labels) in enumerate(found):
