@@ -8,6 +8,7 @@ import torch
 from jaxtyping import Float
 
 from interventions.attention_edits import boost_bias, boosted_attention  # noqa: F401  (the doctest's reference)
+from interventions.attention_math import grouped_logits, grouped_values
 from nnsight_av.errors import InputError
 
 __all__ = ["decode_attention"]
@@ -145,15 +146,13 @@ def decode_attention(
             num_warps=4,
         )
         return out, sums
-    kv = key.shape[1]
-    logits = torch.matmul(query.float().reshape(b, kv, h // kv, d), key.float().transpose(-1, -2)).view(b, h, tk)
-    logits = logits * scale
+    logits = grouped_logits(query, key, scale).view(b, h, tk)
     bonus = flag.to(logits.dtype)[None, None, :] * boost.to(logits.dtype)[:, None, None]
     head = logits[..., :tp]
     head = head + boost_bias(head, bonus, "multiplicative" if multiplicative else "pre_softmax")
     logits = torch.cat([head, logits[..., tp:]], dim=-1)
     probs = torch.softmax(logits, dim=-1)
-    out = torch.matmul(probs.view(b, kv, h // kv, tk), value.float()).view(b, 1, h, d)
+    out = grouped_values(probs.view(b, h, 1, tk), value).view(b, 1, h, d)
     full = torch.zeros(tk, 8, dtype=torch.float32, device=query.device)
     full[:tp] = weights.float()
     full[tp:, 4] = 1.0

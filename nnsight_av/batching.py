@@ -8,7 +8,7 @@ and check a layer list (`check_layers`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -23,7 +23,9 @@ __all__ = ["as_list", "progress_batches", "pad_id", "collate_right", "batch_tens
 
 
 def as_list(inputs: "AVInputs | Sequence[AVInputs]") -> tuple[list[AVInputs], bool]:
-    """``(list_of_inputs, was_single)``; raises `InputError` on anything else.
+    """``(list_of_inputs, was_single)`` from one `AVInputs` or a list, tuple or other iterable of them.
+
+    Raises `InputError` on an empty sequence or anything that is not `AVInputs`.
 
     >>> import nnsight_av as nav
     >>> ex = nav.testing.tiny_model().prepare(text="hi")
@@ -32,13 +34,14 @@ def as_list(inputs: "AVInputs | Sequence[AVInputs]") -> tuple[list[AVInputs], bo
     """
     if isinstance(inputs, AVInputs):
         return [inputs], True
-    if isinstance(inputs, (list, tuple)):
-        if not inputs:
+    if isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes, Mapping, torch.Tensor)):
+        items = list(inputs)
+        if not items:
             raise InputError("got an empty list of inputs")
-        for k, item in enumerate(inputs):
+        for k, item in enumerate(items):
             if not isinstance(item, AVInputs):
                 raise InputError(f"input {k} is a {type(item).__name__}, not AVInputs (from model.prepare)")
-        return list(inputs), False
+        return items, False
     raise InputError(f"inputs must be AVInputs (from model.prepare) or a list of them, got {type(inputs).__name__}")
 
 
