@@ -1,4 +1,4 @@
-"""The Triton kernel behind `analyses.attention.column_sums`: it fuses logits, probabilities and the row-group sums.
+"""The Triton kernel behind `analyses.column_math.column_sums`: it fuses logits, probabilities and the row-group sums.
 
 Flash attention with the roles turned around: one program owns a block of columns
 (the "queries" ``k_S``) of one (batch, head) and walks the query rows after its first
@@ -15,7 +15,7 @@ probabilities), half inputs only; on an H200 it is 10-40% slower (the kernel is 
 latency there), so it is off by default. ``REVERSE`` walks the rows from the end, so that
 the programs of a head that run at the same time read the same query tiles (L2 hits);
 with ``HEADS_FIRST`` the longest programs (the first column block of every head) start
-first. The options and tiles are chosen in `analyses.attention.TRITON_CONFIG`.
+first. The options and tiles are chosen in `analyses.column_math.TRITON_CONFIG`.
 """
 
 import triton

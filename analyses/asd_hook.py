@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 from interventions.attention_edits import boost_amount, boosted_attention
+from interventions.attention_math import attention_with_lse, grouped_logits
 from interventions.runtime.routing import AttentionHook
 from nnsight_av.errors import InputError, TokenSelectionError
 
 from .asd_config import SINK_SETS, ASDConfig
 from .asd_kernel import decode_attention
-from .attention import attention_with_lse, column_sums
+from .column_math import column_sums
 from .decoding import as_inputs
 from .mds import MDSResult, sink_analysis
 from .sinks import SinkResult
@@ -70,10 +71,7 @@ def asd_sink_sets(model: "AVModel", inputs: "AVInputs", config: ASDConfig = ASDC
 def _row_probs(query_row: torch.Tensor, key: torch.Tensor, scale: float,
                lse: torch.Tensor | None = None) -> torch.Tensor:
     """Attention probabilities ``[heads, T]`` of one query row ``[heads, d]`` over ``key [kv, T, d]``."""
-    h, d = query_row.shape
-    kv, tk = key.shape[0], key.shape[1]
-    logits = torch.matmul(query_row.float().reshape(kv, h // kv, d), key.float().transpose(-1, -2)).reshape(h, tk)
-    logits = logits * scale
+    logits = grouped_logits(query_row[None, :, None], key[None], scale).view(query_row.shape[0], key.shape[1])
     if lse is None:
         return torch.softmax(logits, dim=-1)
     return torch.exp(logits - lse.float()[:, None])

@@ -8,6 +8,7 @@ import torch
 from jaxtyping import Float
 
 from interventions.attention_edits import boost_bias, boosted_attention  # noqa: F401  (the doctest's reference)
+from interventions.attention_math import grouped_logits, grouped_values
 from nnsight_av.errors import InputError
 
 __all__ = ["decode_attention"]
@@ -97,16 +98,16 @@ def _triton_ready(query: torch.Tensor) -> bool:
 
 
 def decode_attention(
-    query: Float[torch.Tensor, "batch heads 1 dim"],
-    key: Float[torch.Tensor, "batch kv_heads keys dim"],
-    value: Float[torch.Tensor, "batch kv_heads keys dim"],
+    query: Float[torch.Tensor, "batch heads 1 head_dim"],
+    key: Float[torch.Tensor, "batch kv_heads keys head_dim"],
+    value: Float[torch.Tensor, "batch kv_heads keys head_dim"],
     scale: float,
-    flag: Float[torch.Tensor, "prompt"],
+    flag: Float[torch.Tensor, "seq"],
     boost: Float[torch.Tensor, "batch"],
-    weights: Float[torch.Tensor, "prompt 8"],
+    weights: Float[torch.Tensor, "seq 8"],
     multiplicative: bool = False,
     backend: str = "auto",
-) -> tuple[Float[torch.Tensor, "batch 1 heads dim"], Float[torch.Tensor, "batch heads 8"]]:
+) -> tuple[Float[torch.Tensor, "batch 1 heads head_dim"], Float[torch.Tensor, "batch heads 8"]]:
     """One query row per batch entry against the cached keys, with the ASD boost and statistics.
 
     ``query [B, heads, 1, d]``, ``key``/``value [B, kv_heads, T, d]``; ``flag [TP]`` marks the
@@ -145,15 +146,13 @@ def decode_attention(
             num_warps=4,
         )
         return out, sums
-    kv = key.shape[1]
-    logits = torch.matmul(query.float().reshape(b, kv, h // kv, d), key.float().transpose(-1, -2)).view(b, h, tk)
-    logits = logits * scale
+    logits = grouped_logits(query, key, scale).view(b, h, tk)
     bonus = flag.to(logits.dtype)[None, None, :] * boost.to(logits.dtype)[:, None, None]
     head = logits[..., :tp]
     head = head + boost_bias(head, bonus, "multiplicative" if multiplicative else "pre_softmax")
     logits = torch.cat([head, logits[..., tp:]], dim=-1)
     probs = torch.softmax(logits, dim=-1)
-    out = torch.matmul(probs.view(b, kv, h // kv, tk), value.float()).view(b, 1, h, d)
+    out = grouped_values(probs.view(b, h, 1, tk), value).view(b, 1, h, d)
     full = torch.zeros(tk, 8, dtype=torch.float32, device=query.device)
     full[:tp] = weights.float()
     full[tp:, 4] = 1.0

@@ -7,7 +7,7 @@
 - `choose_batch_size` divides a share of the free memory (``torch.cuda.mem_get_info`` on a
   GPU, psutil's available memory on a CPU) by that estimate times the longest clip's tokens.
 - `length_batches` sorts clips by length before cutting batches, so a batch pads little.
-- `collate_inputs` right-pads prepared inputs into one forward; `take_row` cuts one clip's
+- `take_row` cuts one clip's
   part back out of a batch tensor, so every per-clip record looks like one of a forward of
   that clip alone (right padding changes nothing at a clip's own positions under causal
   attention).
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from nnsight_av import AVInputs, AVModel
 
 __all__ = ["free_memory", "pipeline_token_bytes", "choose_batch_size", "resolve_batch_size", "length_batches",
-           "collate_inputs", "take_row", "prefetched", "MEMORY_SHARE", "MAX_BATCH", "MAX_BATCH_TOKENS",
+           "take_row", "prefetched", "MEMORY_SHARE", "MAX_BATCH", "MAX_BATCH_TOKENS",
            "CPU_BATCH"]
 
 #: Share of the free memory a batch may take (the rest is headroom for the allocator and kernels' workspace).
@@ -142,14 +142,6 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
     order = sorted(range(len(lengths)), key=lambda i: (int(lengths[i]), i))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def collate_inputs(model: "AVModel", items: Sequence["AVInputs"]) -> dict[str, Any]:
-    """Forward arguments of ``items`` right-padded into one batch (their own arguments for one input)."""
-    if len(items) == 1:
-        return dict(items[0].data)
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None else 0
-    return model.adapter.collate([item.data for item in items], padding_side="right", pad_id=pad_id or 0)
 
 
 def take_row(value: Any, row: int, batch: int, total: int, length: int) -> Any:

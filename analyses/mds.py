@@ -20,13 +20,15 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
+from interventions.runtime.prefill import run_prefill
+from nnsight_av.batching import as_list, batch_tensors, check_layers, progress_batches
 from nnsight_av.errors import InputError, TokenSelectionError
 from nnsight_av.spans import MODALITY_CODES
 
-from .results import JsonResult
-from .attention import (group_counts, row_group_ids, as_list, batch_tensors, column_attention_sums, column_sums,
-                        progress_batches, run_prefill)
+from .attention import column_attention_sums, group_counts, row_group_ids
+from .column_math import column_sums
 from .plots import plot_mds_distribution, plot_mds_heatmap
+from .results import JsonResult
 from .sinks import SinkResult, check_criterion, check_k, modality_codes, resolve_sink_dims, sink_scores
 
 if TYPE_CHECKING:
@@ -60,17 +62,17 @@ class SinkSplit:
     cross-modal sinks, ``vv`` and ``aa`` the unimodal ones.
     """
 
-    av: Int[torch.Tensor, "n"]
-    va: Int[torch.Tensor, "n"]
-    aa: Int[torch.Tensor, "n"]
-    vv: Int[torch.Tensor, "n"]
+    av: Int[torch.Tensor, "positions"]
+    va: Int[torch.Tensor, "positions"]
+    aa: Int[torch.Tensor, "positions"]
+    vv: Int[torch.Tensor, "positions"]
     rule: str = "rank"
 
-    def cross_modal(self, base: str | None = None) -> Int[torch.Tensor, "n"]:
+    def cross_modal(self, base: str | None = None) -> Int[torch.Tensor, "positions"]:
         """Cross-modal sinks of ``base`` modality ("video" -> va, "audio" -> av); both when None."""
         return self._pick(base, self.va, self.av)
 
-    def unimodal(self, base: str | None = None) -> Int[torch.Tensor, "n"]:
+    def unimodal(self, base: str | None = None) -> Int[torch.Tensor, "positions"]:
         """Unimodal sinks of ``base`` modality ("video" -> vv, "audio" -> aa); both when None."""
         return self._pick(base, self.vv, self.aa)
 
@@ -320,7 +322,7 @@ def modality_dominance(
     for item in items:
         _check_av(item)
     found = [_sink_positions(s, it) for s, it in zip(per_item, items)]
-    layer_list = list(range(model.num_layers)) if layers is None else [model.check_layer(l) for l in layers]
+    layer_list = check_layers(model, layers)
     results: list[MDSResult | None] = [None] * len(items)
     todo = [i for i, (pos, _) in enumerate(found) if pos.numel()]
     for i, (pos, labels) in enumerate(found):

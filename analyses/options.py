@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import torch
 from jaxtyping import Float
 
+from nnsight_av.batching import as_list
 from nnsight_av.errors import InputError, TokenSelectionError
 
 from interventions.run import batch_data
 from interventions.runtime.hooks import applied
 
 from .ablation import ablation_intervention
-from .attention import as_list
 
 if TYPE_CHECKING:
     from nnsight_av import AVInputs, AVModel
@@ -80,7 +80,7 @@ def option_token_ids(tokenizer: Any, options: Any) -> list[list[int]]:
 
 
 def letter_probs(logits: Float[torch.Tensor, "... vocab"], token_ids: Sequence[Sequence[int]]
-                 ) -> Float[torch.Tensor, "... option"]:
+                 ) -> Float[torch.Tensor, "... options"]:
     """``max(P["o"], P[" o"])`` per option from last-position logits (softmax in float32).
 
     >>> logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
@@ -93,7 +93,7 @@ def letter_probs(logits: Float[torch.Tensor, "... vocab"], token_ids: Sequence[S
     return torch.stack(cols, dim=-1)
 
 
-def answers(probs: Float[torch.Tensor, "... option"], options: Any) -> list[str] | str:
+def answers(probs: Float[torch.Tensor, "... options"], options: Any) -> list[str] | str:
     """The argmax letter (per row); ties go to the earlier option.
 
     >>> answers(torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]]), "ABC")
@@ -151,7 +151,7 @@ def option_probs(
     *,
     batch_size: int = 8,
     progress: bool = False,
-) -> Float[torch.Tensor, "... option"]:
+) -> Float[torch.Tensor, "... options"]:
     """Probability of each answer letter at the first generated position, for one input or a batch.
 
     One plain forward per ``batch_size`` inputs on the hook runtime (right padded, so row

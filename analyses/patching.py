@@ -45,10 +45,11 @@ from interventions.runtime.hooks import applied, gradients_from, observed
 from interventions.runtime.kv_cache import (KVRecorder, LayerRecord, PrefixKV, ScatterKV, cache_in_layers,
                                             recording, resume)
 from interventions.site import ALIASES, Site, canonical_role
+from nnsight_av.batching import collate_right
 from nnsight_av.errors import InputError
 
 from .ablation import ablation_intervention
-from .batching import collate_inputs, take_row
+from .batching import take_row
 from .options import last_logits_only, letter_probs, normalize_options, on_device, option_token_ids
 from .token_sets import Condition
 
@@ -93,8 +94,8 @@ class CleanRecord:
     the exact sweep uses for positions it need not compute (see `PatchRunner`).
     """
 
-    probs: Float[torch.Tensor, "option"]
-    positions: Int[torch.Tensor, "n"]
+    probs: Float[torch.Tensor, "options"]
+    positions: Int[torch.Tensor, "positions"]
     values: dict[int, torch.Tensor]                   # layer -> [n, hidden] on the model's device
     keys: dict[Any, torch.Tensor] | None = None
     kv_values: dict[Any, torch.Tensor] | None = None
@@ -108,7 +109,7 @@ class CorruptRecord(LayerRecord):
     with the run's letter ``probs`` and its inputs ``item`` (build it with keywords).
     """
 
-    probs: Float[torch.Tensor, "option"] | None = None
+    probs: Float[torch.Tensor, "options"] | None = None
     item: Any = None
 
 
@@ -325,7 +326,7 @@ class PatchRunner:
         logits ``[B, vocab]``."""
         items = [on_device(self.model, it) for it in items]
         with last_logits_only(self.model, [len(it) - 1 for it in items]):
-            logits = self.model.raw()(**collate_inputs(self.model, items), use_cache=False).logits
+            logits = self.model.raw()(**collate_right(self.model, items), use_cache=False).logits
         return logits[:, -1]
 
     # -- patched continuation -------------------------------------------------------------
@@ -397,7 +398,7 @@ class PatchRunner:
         return self._logits(hidden)
 
     def run(self, clean: CleanRecord, corrupt: CorruptRecord, conditions: Sequence[Condition], *,
-            batch_size: int = 4, progress: bool = False) -> Float[torch.Tensor, "condition option"]:
+            batch_size: int = 4, progress: bool = False) -> Float[torch.Tensor, "conditions options"]:
         """Letter probabilities of each patched condition (the exact sweep described above)."""
         from tqdm.auto import tqdm
 
@@ -437,7 +438,7 @@ class PatchRunner:
 
     # -- reference and first-order methods ------------------------------------------------
     def run_naive(self, clean: CleanRecord, corrupt_item: "AVInputs", conditions: Sequence[Condition], *,
-                  progress: bool = False) -> Float[torch.Tensor, "condition option"]:
+                  progress: bool = False) -> Float[torch.Tensor, "conditions options"]:
         """One full nnsight forward of the corrupted input per condition (the slow reference)."""
         import nnsight
         from tqdm.auto import tqdm

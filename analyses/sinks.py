@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 
+from interventions.runtime.prefill import run_prefill
+from nnsight_av.batching import as_list, progress_batches
 from nnsight_av.errors import AdapterError, InputError
 from nnsight_av.spans import MODALITY_CODES
 
 from .results import JsonResult
-from .attention import as_list, progress_batches, run_prefill
 from .plots import plot_sink_mask
 
 if TYPE_CHECKING:
@@ -85,8 +86,8 @@ def sink_scores(h: Float[torch.Tensor, "... hidden"], dims: Sequence[int],
     return (picked / torch.sqrt(ms + RMS_EPS)[..., None]).amax(-1)
 
 
-def sink_mask(scores: Float[torch.Tensor, "layer token"], tau: float,
-              criterion: str = "phi") -> Bool[torch.Tensor, "layer token"]:
+def sink_mask(scores: Float[torch.Tensor, "layer seq"], tau: float,
+              criterion: str = "phi") -> Bool[torch.Tensor, "layer seq"]:
     """Which (layer, token) pairs are sinks: ``scores > tau`` (``"phi"``), or ``scores`` above
     ``tau`` times the layer's median token (``"magnitude"``; ``scores`` of one input, no padding).
 
@@ -111,7 +112,7 @@ def first_token_phi(
     layers: Sequence[int] | None = None,
     *,
     progress: bool = True,
-) -> Float[torch.Tensor, "input layer hidden"]:
+) -> Float[torch.Tensor, "batch layer hidden"]:
     """``phi`` of the first token's residual input at ``layers`` (default: middle and late), per input."""
     items, _ = as_list(inputs)
     layer_list = _default_dim_layers(model.num_layers) if layers is None else [model.check_layer(l) for l in layers]
@@ -191,9 +192,9 @@ def resolve_sink_dims(
 
 
 def select_global_sinks(
-    mask: Bool[torch.Tensor, "layer token"],
+    mask: Bool[torch.Tensor, "layer seq"],
     k: int,
-) -> Int[torch.Tensor, "kept"]:
+) -> Int[torch.Tensor, "sinks"]:
     """The ``k`` positions that are sinks in the most layers, in rank order.
 
     Only positions that are a sink somewhere are eligible (so fewer than ``k`` may come
@@ -231,7 +232,7 @@ class SinkResult(JsonResult):
     dropped (they still use up ``K``). Re-threshold cheaply with `with_params`.
     """
 
-    scores: Float[torch.Tensor, "layer token"]
+    scores: Float[torch.Tensor, "layer seq"]
     layers: list[int]
     dims: list[int]
     tau: float
@@ -258,16 +259,16 @@ class SinkResult(JsonResult):
         return int(self.scores.shape[1])
 
     @property
-    def mask(self) -> Bool[torch.Tensor, "layer token"]:
+    def mask(self) -> Bool[torch.Tensor, "layer seq"]:
         return sink_mask(self.scores, self.tau, self.criterion)
 
     @property
-    def counts(self) -> Int[torch.Tensor, "token"]:
+    def counts(self) -> Int[torch.Tensor, "seq"]:
         """In how many layers each position is a sink."""
         return self.mask.sum(0)
 
     @property
-    def first_layer(self) -> Int[torch.Tensor, "token"]:
+    def first_layer(self) -> Int[torch.Tensor, "seq"]:
         """The first layer (index into ``layers``' values) where each position is a sink; -1 if never."""
         mask = self.mask
         idx = mask.float().argmax(0)
@@ -279,7 +280,7 @@ class SinkResult(JsonResult):
         return int(self.k) if self.k is not None else int(self.length / self.k_divide)
 
     @property
-    def ranked(self) -> Int[torch.Tensor, "kept"]:
+    def ranked(self) -> Int[torch.Tensor, "sinks"]:
         """The ``K`` global sinks in rank order, text positions included."""
         if "ranked" not in self._cache:
             self._cache["ranked"] = select_global_sinks(self.mask, self.K)

@@ -171,7 +171,7 @@ def object_positions(
     objects: Any,
     *,
     min_fraction: float | None = None,
-) -> Int[torch.Tensor, "n"]:
+) -> Int[torch.Tensor, "positions"]:
     """Object tokens of ``modality`` from positions, video masks or audio time ranges.
 
     ``objects``: positions (list / tensor), or a dict with any of ``positions``,

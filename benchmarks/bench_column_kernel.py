@@ -13,7 +13,7 @@ positions: `modality_dominance` given K = T/2 sinks that tie, as in the benchmar
 - ``attention``: one `attention_with_lse` call, the attention the fused prefill runs anyway;
 - ``columns[config]``: one `column_sums` call per Triton tile config
   (``block_s,block_q,num_warps,num_stages`` then optionally ``fma_exp,trans_q,reverse,heads_first``, see
-  `analyses.attention.TRITON_CONFIG`; the first is the shipped one).
+  `analyses.column_math.TRITON_CONFIG`; the first is the shipped one).
 
 ``ratio`` = columns / attention is what the sink analysis adds per layer on the GPU; issue 4 wants
 the whole analysis <= 1.3x a forward at 32k. Each
@@ -28,7 +28,8 @@ import torch
 
 from common import TRITON_KEYS, cuda_timer, parse_triton_config, parser, report
 
-from analyses import attention as attn  # noqa: E402  (common puts the repo root on the path)
+from analyses import column_math as attn  # noqa: E402  (common puts the repo root on the path)
+from interventions.attention_math import attention_with_lse  # noqa: E402
 
 SHIPPED = ",".join(str(attn.TRITON_CONFIG[k]) for k in TRITON_KEYS)
 
@@ -73,9 +74,9 @@ def main() -> None:
     for tokens in args.tokens:
         x = layer_inputs(tokens, args.device, dtype, args.columns)
         scale = 128 ** -0.5
-        _, lse = attn.attention_with_lse(x["q"], x["k"], x["v"], scale)
+        _, lse = attention_with_lse(x["q"], x["k"], x["v"], scale)
         run = {"tokens": tokens, "columns": int(x["columns"].shape[1]),
-               "attention": cuda_timer(lambda: attn.attention_with_lse(x["q"], x["k"], x["v"], scale),
+               "attention": cuda_timer(lambda: attention_with_lse(x["q"], x["k"], x["v"], scale),
                                        repeat=args.repeat)}
         reference = None
         if tokens <= args.check_max:

@@ -79,15 +79,15 @@ def eager_va(model, ex, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def with_config(text: str, fn):
     """``fn`` run with the column kernel's config replaced by ``text`` (restored afterwards)."""
-    from analyses import attention
+    from analyses import column_math
 
     def run() -> None:
-        shipped = attention.TRITON_CONFIG
-        attention.TRITON_CONFIG = {**shipped, **parse_triton_config(text)}
+        shipped = column_math.TRITON_CONFIG
+        column_math.TRITON_CONFIG = {**shipped, **parse_triton_config(text)}
         try:
             fn()
         finally:
-            attention.TRITON_CONFIG = shipped
+            column_math.TRITON_CONFIG = shipped
     return run
 
 
@@ -103,9 +103,9 @@ def main() -> None:
     p.add_argument("--compare-config", help="also time sink_analysis with this kernel config, round-robin with the rest")
     args = p.parse_args()
     if args.triton_config:
-        from analyses import attention
+        from analyses import column_math
 
-        attention.TRITON_CONFIG = {**attention.TRITON_CONFIG, **parse_triton_config(args.triton_config)}
+        column_math.TRITON_CONFIG = {**column_math.TRITON_CONFIG, **parse_triton_config(args.triton_config)}
     tokens = args.tokens or ([160, 320] if args.small else [1700, 8000, 16000, 32000])
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -115,7 +115,7 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype),
                "layers": model.num_layers, "hidden": model.hidden_size, "sink_dims": dims,
                "tau": args.tau, "note": "tau=0: every token is a sink, K = T/2 (worst case for the MDS columns)",
-               "triton_config": dict(analyses.attention.TRITON_CONFIG), "runs": []}
+               "triton_config": dict(analyses.column_math.TRITON_CONFIG), "runs": []}
     for n_tokens in tokens:
         ex = av_input(model, n_tokens).to(args.device)
         data = ex.data

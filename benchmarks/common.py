@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nnsight_av as nav  # noqa: E402
 from nnsight_av.testing.tiny import tiny_processor, tiny_qwen2_5_omni_config  # noqa: E402
 
-#: The keys of `analyses.attention.TRITON_CONFIG`, in the order ``--triton-config`` takes them.
+#: The keys of `analyses.column_math.TRITON_CONFIG`, in the order ``--triton-config`` takes them.
 TRITON_KEYS = ("block_s", "block_q", "num_warps", "num_stages", "fma_exp", "trans_q", "reverse", "heads_first")
 
 

@@ -37,6 +37,8 @@ from jaxtyping import Float
 
 from nnsight_av.errors import InputError
 
+from .attention_math import check_qk, grouped_logits, grouped_values, mask_logits
+
 __all__ = ["AttentionEdit", "apply_attention_edits", "boosted_attention", "boost_amount", "boost_bias", "CHUNK_ELEMENTS"]
 
 #: Elements of the per-chunk float mask (``heads x rows x keys``); bounds the extra memory.
@@ -173,13 +175,13 @@ def _static_mask(mask: torch.Tensor | None, edits: list[AttentionEdit], plan: tu
 
 
 def apply_attention_edits(
-    query: Float[torch.Tensor, "b h q d"],
-    key: Float[torch.Tensor, "b kv k d"],
-    value: Float[torch.Tensor, "b kv k d"],
+    query: Float[torch.Tensor, "batch heads seq head_dim"],
+    key: Float[torch.Tensor, "batch kv_heads keys head_dim"],
+    value: Float[torch.Tensor, "batch kv_heads keys head_dim"],
     mask: torch.Tensor | None,
     scaling: float | None,
-    out: Float[torch.Tensor, "b q h d"],
-    weights: Float[torch.Tensor, "b h q k"] | None,
+    out: Float[torch.Tensor, "batch seq heads head_dim"],
+    weights: Float[torch.Tensor, "batch heads seq keys"] | None,
     edits: list[AttentionEdit],
     num_key_value_groups: int = 1,
     to_device: Callable[..., torch.Tensor] | None = None,
@@ -270,9 +272,9 @@ def apply_attention_edits(
 
 
 def boosted_attention(
-    query: Float[torch.Tensor, "batch heads q dim"],
-    key: Float[torch.Tensor, "batch kv_heads k dim"],
-    value: Float[torch.Tensor, "batch kv_heads k dim"],
+    query: Float[torch.Tensor, "batch heads seq head_dim"],
+    key: Float[torch.Tensor, "batch kv_heads keys head_dim"],
+    value: Float[torch.Tensor, "batch kv_heads keys head_dim"],
     scale: float,
     mask: torch.Tensor | None = None,
     *,
@@ -281,7 +283,7 @@ def boosted_attention(
     columns: torch.Tensor | None = None,
     alpha: float = 0.0,
     mode: str = "pre_softmax",
-) -> tuple[Float[torch.Tensor, "batch q heads dim"], Float[torch.Tensor, "batch heads q k"]]:
+) -> tuple[Float[torch.Tensor, "batch seq heads head_dim"], Float[torch.Tensor, "batch heads seq keys"]]:
     """Attention with the logits of chosen (row, column) pairs raised before the softmax.
 
     For batch entries ``batch``, query rows ``rows`` (indices into the ``q`` axis; all when
@@ -302,13 +304,9 @@ def boosted_attention(
     >>> torch.allclose(out.transpose(1, 2), ref, atol=1e-6)
     True
     """
-    b, h, n, d = query.shape
-    kv, tk = key.shape[1], key.shape[2]
-    if h % kv:
-        raise InputError(f"query heads ({h}) must be a multiple of key/value heads ({kv})")
-    g = h // kv
-    logits = torch.matmul(query.float().reshape(b, kv, g * n, d), key.float().transpose(-1, -2))
-    logits = logits.view(b, h, n, tk).mul_(scale)
+    check_qk(query, key)
+    n, tk = query.shape[2], key.shape[2]
+    logits = grouped_logits(query, key, scale)
     if alpha and columns is not None and columns.numel() and len(batch):
         amount = boost_amount(alpha, mode)
         cols = columns.to(logits.device)
@@ -318,15 +316,6 @@ def boosted_attention(
             for bi in batch:
                 picked = logits[bi, :, ri, ci]
                 logits[bi, :, ri, ci] = picked + boost_bias(picked, amount, mode)
-    if mask is None:
-        if n > 1:
-            allowed = torch.arange(tk, device=logits.device)[None, :] <= (torch.arange(n, device=logits.device)[:, None]
-                                                                         + (tk - n))
-            logits = logits.masked_fill(~allowed, float("-inf"))
-    elif mask.dtype == torch.bool:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    else:
-        logits = logits + mask.float()
-    probs = torch.softmax(logits, dim=-1)
-    out = torch.matmul(probs.view(b, kv, g * n, tk), value.float()).view(b, h, n, -1)
+    probs = torch.softmax(mask_logits(logits, mask, tk - n), dim=-1)
+    out = grouped_values(probs, value)
     return out.transpose(1, 2).to(query.dtype).contiguous(), probs

@@ -196,7 +196,7 @@ class MeanPatch(CacheIntervention):
         if self.means is not None and self.means.kind != "mean":
             raise InputError("MeanPatch needs means from interventions.compute_means, got an activation cache")
 
-    def _prepare(self, model, ctx):
+    def _prepare(self, model: "AVModel", ctx: ApplyContext) -> None:
         if self.means is None:
             raise InputError("MeanPatch has no means: pass means=compute_means(model, inputs, ...)")
         if self.means.by == "position":
@@ -247,7 +247,7 @@ class Patch(CacheIntervention):
         self.source = _bind_cache(source, None, "Patch source")
         self._live: dict[Any, tuple] = {}
 
-    def _prepare(self, model, ctx):
+    def _prepare(self, model: "AVModel", ctx: ApplyContext) -> None:
         if self.source is None:
             raise InputError("Patch has no source: pass source=cache_activations(model, clean, ...) or an invoke index")
         if isinstance(self.source, ActivationCache):
@@ -264,7 +264,7 @@ class Patch(CacheIntervention):
                              f"come before the invokes it patches")
         _check_layout(layout_signature(ctx.all_inputs[self.source]), ctx, "Patch")
 
-    def compile(self, model, ctx):
+    def compile(self, model: "AVModel", ctx: ApplyContext) -> list[Op]:
         ops = super().compile(model, ctx)
         if isinstance(self.source, int) and ctx.index == self.source:
             for op in ops:

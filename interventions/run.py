@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import nnsight
 import torch
 
+from nnsight_av.batching import as_list, collate_right, pad_id
 from nnsight_av.errors import InputError
 from nnsight_av.inputs import AVInputs
 
@@ -35,17 +36,6 @@ def _check_runtime(runtime: str) -> None:
         raise InputError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
 
 
-def _inputs_list(inputs: Any) -> tuple[list[AVInputs], bool]:
-    single = isinstance(inputs, AVInputs)
-    items = [inputs] if single else list(inputs)
-    if not items:
-        raise InputError("no inputs given")
-    for k, item in enumerate(items):
-        if not isinstance(item, AVInputs):
-            raise InputError(f"input {k} is a {type(item).__name__}, not AVInputs (from model.prepare)")
-    return items, single
-
-
 def _per_input_sets(sets: Any, n: int) -> list[Mapping[str, Any] | None]:
     if sets is None or isinstance(sets, Mapping):
         return [sets] * n
@@ -55,18 +45,9 @@ def _per_input_sets(sets: Any, n: int) -> list[Mapping[str, Any] | None]:
     return sets
 
 
-def batch_data(model: "AVModel", items: Sequence[AVInputs]) -> dict[str, Any]:
-    """One plain forward's keyword arguments for ``items``: right padded when several, as a trace batches them.
-
-    >>> import nnsight_av as nav
-    >>> model = nav.testing.tiny_model()
-    >>> a, b = model.prepare(text="Hi"), model.prepare(text="Hello there, how are you?")
-    >>> batch_data(model, [a, b])["input_ids"].shape[1] == len(b)
-    True
-    """
-    if len(items) == 1:
-        return dict(items[0].data)
-    return model.adapter.collate([ex.data for ex in items], padding_side="right", pad_id=_pad_id(model))
+#: One plain forward's keyword arguments for a list of inputs (right padded when several), as a
+#: trace batches them: the core's `nnsight_av.batching.collate_right` under this module's older name.
+batch_data = collate_right
 
 
 def _plan(iv: Intervention | None, n: int, targets: Iterable[int] | None) -> list[Intervention | None]:
@@ -105,11 +86,12 @@ def run(model: "AVModel", inputs: AVInputs | Sequence[AVInputs], interventions: 
     Also available as ``model.run(inputs, interventions)``.
     """
     _check_runtime(runtime)
-    items, single = _inputs_list(inputs)
+    items, single = as_list(inputs)
     plan = _plan(as_intervention(interventions), len(items), targets)
     per_sets = _per_input_sets(sets, len(items))
     if runtime == "hooks":
         decoder = Decoder(model)
+        data = collate_right(model, items)
         with torch.set_grad_enabled(grad), applied(model, items, plan, sets=per_sets):
             out = decoder.module(**decoder.data(batch_data(model, items)), **trace_kwargs).logits
         logits = [out[i:i + 1, :len(ex)] for i, ex in enumerate(items)]
@@ -122,10 +104,6 @@ def run(model: "AVModel", inputs: AVInputs | Sequence[AVInputs], interventions: 
                     plan[index].apply(model, ex, sets=per_sets[index])
                 logits.append(model.logits[:, :len(ex)])
     return logits[0] if single else list(logits)
-
-
-def _pad_id(model: "AVModel") -> int:
-    return (model.tokenizer.pad_token_id if model.tokenizer is not None else 0) or 0
 
 
 def generate(model: "AVModel", inputs: AVInputs | Sequence[AVInputs], interventions: Any = None, *,
@@ -146,7 +124,7 @@ def generate(model: "AVModel", inputs: AVInputs | Sequence[AVInputs], interventi
     """
     _check_runtime(runtime)
     max_new_tokens = integer(max_new_tokens, "max_new_tokens", lo=1)
-    items, single = _inputs_list(inputs)
+    items, single = as_list(inputs)
     iv = as_intervention(interventions)
     plan = _plan(iv, len(items), targets)
     per_sets = _per_input_sets(sets, len(items))
@@ -168,7 +146,7 @@ def generate(model: "AVModel", inputs: AVInputs | Sequence[AVInputs], interventi
                 raise InputError("Patch(source=<invoke>) patches between inputs of one layout; these differ in length")
             runs = [_greedy_hooks(model, [ex], [plan[i]], [per_sets[i]], every, max_new_tokens)[0]
                     for i, ex in enumerate(items)]
-        ids = _left_pad([r[0] for r in runs], _pad_id(model))
+        ids = _left_pad([r[0] for r in runs], pad_id(model))
         if not return_logits:
             return ids
         logits = [r[1] for r in runs]
@@ -206,7 +184,7 @@ def _greedy_hooks(model: "AVModel", items: list[AVInputs], plan: list[Interventi
     ``model.generate``, a row that reached EOS is fed the pad token until every row is done.
     """
     decoder = Decoder(model)
-    data = batch_data(model, items)
+    data = collate_right(model, items)
     new: list[torch.Tensor] = []
     step_logits: list[torch.Tensor] = []
     done = torch.zeros(len(items), dtype=torch.bool)
@@ -217,7 +195,7 @@ def _greedy_hooks(model: "AVModel", items: list[AVInputs], plan: list[Interventi
         for step in range(max_new_tokens):
             step_logits.append(logits)
             token = logits.argmax(-1).cpu()
-            token = torch.where(done, torch.full_like(token, _pad_id(model)), token)
+            token = torch.where(done, torch.full_like(token, pad_id(model)), token)
             new.append(token)
             done |= torch.tensor([int(t) in decoder.eos for t in token])
             if bool(done.all()) or step == max_new_tokens - 1:

@@ -105,7 +105,7 @@ def resolve_tokens(
     total: int | None = None,
     sets: Mapping[str, Any] | None = None,
     allow_empty: bool = False,
-) -> Int[torch.Tensor, "n"]:
+) -> Int[torch.Tensor, "positions"]:
     """Sorted unique positions (CPU LongTensor) ``selector`` names in one input.
 
     ``length`` is the prompt length, ``total`` the current sequence length (prompt plus

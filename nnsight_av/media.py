@@ -28,7 +28,7 @@ __all__ = ["Video", "load_audio", "load_video", "load_image", "video_has_audio"]
 class Video:
     """Decoded frames sampled at ``fps``, with the clip's duration in seconds."""
 
-    frames: UInt8[np.ndarray, "time height width 3"]
+    frames: UInt8[np.ndarray, "frames height width 3"]
     fps: float
     duration: float
     path: str | None = None

@@ -16,7 +16,7 @@ from jaxtyping import Int
 
 from .errors import SpanError, TokenSelectionError
 
-Positions = Int[torch.Tensor, "n"]
+Positions = Int[torch.Tensor, "positions"]
 
 MODALITY_SPANS = ("audio", "video", "image")
 #: The modality of a token, in the order per-modality tables use (means, stds of `interventions`).

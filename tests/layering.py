@@ -2,7 +2,8 @@
 
 Layers, lowest first; a module may import its own layer and those below it, never above:
 
-0. ``base``: ``nnsight_av.errors``, ``nnsight_av.spans`` (what adapters describe models with)
+0. ``base``: ``nnsight_av.errors``, ``nnsight_av.spans``, ``nnsight_av.axes`` (what adapters describe models
+   with, and the axis names of tensor shapes)
 1. ``adapters``: ``nnsight_av.adapters.*`` (one model family each, and its architecture code)
 2. ``core``: the rest of ``nnsight_av`` (model, inputs, media, loading, testing, toy, ...)
 3. ``interventions``: ``interventions.*``
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGES = ("nnsight_av", "interventions", "analyses")
-BASE = {"nnsight_av.errors", "nnsight_av.spans"}
+BASE = {"nnsight_av.errors", "nnsight_av.spans", "nnsight_av.axes"}
 APPLICATION = ("nnsight_av.cli", "nnsight_av.demo", "nnsight_av.app")
 LAYER_NAMES = ("base", "adapters", "core", "interventions", "analyses", "application")
 #: Core modules that work for every adapter: they may use ``nnsight_av.adapters.base`` only.

@@ -266,9 +266,9 @@ def test_mds_result_roundtrip_views_and_plots(model, ex, tmp_path):
                          ids=["shipped", "fma_exp+trans_q", "reverse+heads_first"])
 def test_triton_column_sums_match_torch_on_gpu(options, monkeypatch):
     pytest.importorskip("triton")
-    from analyses import attention as attn_mod
+    from analyses import column_math
 
-    monkeypatch.setattr(attn_mod, "TRITON_CONFIG", {**attn_mod.TRITON_CONFIG, **options})
+    monkeypatch.setattr(column_math, "TRITON_CONFIG", {**column_math.TRITON_CONFIG, **options})
     torch.manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-3)):
         q = torch.randn(2, 8, 700, 64, device="cuda", dtype=dtype)
@@ -289,8 +289,8 @@ def test_hooked_prefill_equals_traced_prefill_and_falls_back(model, ex, monkeypa
     reads, and a model whose attention is not routed through transformers' interface gets the trace."""
     from contextlib import contextmanager
 
-    from analyses import attention as attn_mod
     from analyses.decoding import Decoder
+    from interventions.runtime import prefill as prefill_mod
     from analyses.sinks import sink_scores
 
     cols = torch.tensor([[0, int(ex.spans.video[2]), int(ex.spans.audio[1]), len(ex) - 2]], dtype=torch.int32)
@@ -299,8 +299,8 @@ def test_hooked_prefill_equals_traced_prefill_and_falls_back(model, ex, monkeypa
     groups[0, ex.spans.audio] = 1
     args = (model, [ex], [0, 2, 3], lambda l, h: sink_scores(h, [0, 1]), [1, 3],
             lambda l, q, k, lse, scale: column_sums(q, k, lse, cols, groups, 2, scale), None)
-    hooked = attn_mod._run_prefill_hooked(*args)
-    traced = attn_mod._run_prefill_traced(*args)
+    hooked = prefill_mod._run_prefill_hooked(*args)
+    traced = prefill_mod._run_prefill_traced(*args)
     for got, want in zip(hooked, traced):
         assert sorted(got) == sorted(want) and got
         for layer in want:
@@ -311,7 +311,7 @@ def test_hooked_prefill_equals_traced_prefill_and_falls_back(model, ex, monkeypa
         yield                                    # attention runs as the model calls it: the hook never fires
 
     monkeypatch.setattr(Decoder, "hooked", not_routed)
-    res, sums = attn_mod.run_prefill(model, [ex], residual_layers=[0, 2, 3], on_residual=args[3],
-                                     attention_layers=[1, 3], on_attention=args[5])
+    res, sums = prefill_mod.run_prefill(model, [ex], residual_layers=[0, 2, 3], on_residual=args[3],
+                                        attention_layers=[1, 3], on_attention=args[5])
     assert sorted(res) == [0, 2, 3] and sorted(sums) == [1, 3]
     assert all(torch.allclose(sums[l], traced[1][l], atol=1e-5) for l in sums)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECK = r"""
 import json, sys
 import torch
-from analyses import attention as attn
+from analyses import column_math as attn
 
 options = json.loads(sys.argv[1])
 torch.manual_seed(0)

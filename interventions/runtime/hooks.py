@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from nnsight_av.batching import as_list
 from nnsight_av.errors import InputError
-from nnsight_av.inputs import AVInputs
 
 from ..attention_edits import apply_attention_edits
 from ..base import Intervention, as_intervention, normalize_sets
@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - older torch
     CausalBias = ()
 
 if TYPE_CHECKING:
-    from nnsight_av import AVModel
+    from nnsight_av import AVInputs, AVModel
 
 __all__ = ["applied", "HookExecutor", "observed", "gradients_from"]
 
@@ -158,10 +158,7 @@ class HookExecutor(AttentionHook):
 
 def _rows(model: "AVModel", inputs: Any, interventions: Any, sets: Any, offsets: Sequence[int] | None,
           ) -> list[tuple[ApplyContext, list[Op]]]:
-    items = [inputs] if isinstance(inputs, AVInputs) else list(inputs)
-    for k, item in enumerate(items):
-        if not isinstance(item, AVInputs):
-            raise InputError(f"row {k} is a {type(item).__name__}, not AVInputs (from model.prepare)")
+    items, _ = as_list(inputs)
     per_row = interventions if isinstance(interventions, list) and len(interventions) == len(items) and \
         all(iv is None or isinstance(iv, Intervention) for iv in interventions) else [interventions] * len(items)
     per_sets = sets if isinstance(sets, (list, tuple)) else [sets] * len(items)

@@ -137,8 +137,8 @@ class WindowAudioEncoder(nn.Module):
         self.key = nn.Linear(dim, dim)
         self.query = nn.Parameter(torch.randn(dim) * 0.5)
 
-    def forward(self, features: Float[torch.Tensor, "n frames mels"],
-                lengths: Int[torch.Tensor, "n"]) -> Float[torch.Tensor, "tokens dim"]:
+    def forward(self, features: Float[torch.Tensor, "batch frames mels"],
+                lengths: Int[torch.Tensor, "batch"]) -> Float[torch.Tensor, "positions hidden"]:
         x = self.inp(features)
         x = x + self.mix(x)
         tokens = []
@@ -161,7 +161,7 @@ class PatchVisionEncoder(nn.Module):
         self.pos = nn.Parameter(torch.randn((image_size // patch_size) ** 2, dim) * 0.5)
         self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, pixel_values: Float[torch.Tensor, "frames 3 size size"]) -> Float[torch.Tensor, "tokens dim"]:
+    def forward(self, pixel_values: Float[torch.Tensor, "frames 3 height width"]) -> Float[torch.Tensor, "positions hidden"]:
         x = self.patch(pixel_values).flatten(2).transpose(1, 2) + self.pos
         x = x + self.mlp(x)
         return x.reshape(-1, x.shape[-1])
@@ -311,7 +311,7 @@ class SalmonnStyleProcessor:
                                                   add_generation_prompt=add_generation_prompt, tokenize=tokenize,
                                                   **kwargs)
 
-    def _frames(self, frames: Any) -> Float[torch.Tensor, "t 3 size size"]:
+    def _frames(self, frames: Any) -> Float[torch.Tensor, "frames 3 height width"]:
         array = np.asarray(frames)
         if array.ndim == 3:
             array = array[None]

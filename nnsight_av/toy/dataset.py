@@ -130,7 +130,7 @@ class ToyRecord:
     sample_rate: int = SAMPLE_RATE
     video_path: str | None = None
     audio_path: str | None = None
-    frames: UInt8[np.ndarray, "time height width 3"] | None = field(default=None, repr=False)
+    frames: UInt8[np.ndarray, "frames height width 3"] | None = field(default=None, repr=False)
     audio: Float[np.ndarray, "samples"] | None = field(default=None, repr=False)
 
     @property

@@ -123,7 +123,7 @@ def render_frames(
     seconds: float = SECONDS,
     fps: float = FPS,
     size: int = FRAME_SIZE,
-) -> UInt8[np.ndarray, "time size size 3"]:
+) -> UInt8[np.ndarray, "frames height width 3"]:
     """Frames of one coloured ``shape`` moving (bouncing) over a dark background.
 
     All randomness (background tint, colour jitter, size, start, velocity, the
