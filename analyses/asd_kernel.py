@@ -34,10 +34,11 @@ def _decode_kernel() -> Any:
 
     @triton.jit
     def asd_decode_attention(
-        Q, K, V, OUT, FLAG, ALPHA, W, STATS,
+        Q, K, V, OUT, FLAG, ALPHA, W, STATS, LEN,
         sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, swt, ssb, ssh,
         T, TP, H, GQA, scale,
         D: tl.constexpr, DP: tl.constexpr, BLOCK_T: tl.constexpr, MULT: tl.constexpr, WITH_STATS: tl.constexpr,
+        HAS_LEN: tl.constexpr,
     ):
         pid = tl.program_id(0)
         b = pid // H
@@ -48,13 +49,17 @@ def _decode_kernel() -> Any:
         offs_j = tl.arange(0, 8)
         q = tl.load(Q + b * sqb + h * sqh + offs_d * sqd, mask=dmask, other=0.0).to(tl.float32) * scale
         boost = tl.load(ALPHA + b)
+        if HAS_LEN:
+            valid = tl.load(LEN)      # keys past the cache's fill level are masked (static cache)
+        else:
+            valid = T
         m_i = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), axis=0)
         l_i = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
         acc = tl.zeros([DP], tl.float32)
         st = tl.zeros([8], tl.float32)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
-            tmask = offs_t < T
+            tmask = offs_t < valid
             kv_mask = tmask[:, None] & dmask[None, :]
             k = tl.load(K + b * skb + kvh * skh + offs_t[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask,
                         other=0.0).to(tl.float32)
@@ -106,6 +111,7 @@ def decode_attention(
     weights: Float[torch.Tensor, "prompt 8"],
     multiplicative: bool = False,
     backend: str = "auto",
+    length: torch.Tensor | None = None,
 ) -> tuple[Float[torch.Tensor, "batch 1 heads dim"], Float[torch.Tensor, "batch heads 8"]]:
     """One query row per batch entry against the cached keys, with the ASD boost and statistics.
 
@@ -115,6 +121,8 @@ def decode_attention(
     ``weights [TP, 8]`` weight the probabilities into 8 sums (column 4 also counts every key
     from ``TP`` on). Returns the output ``[B, 1, heads, d]`` (query dtype) and the sums
     ``[B, heads, 8]`` (float32). ``backend``: "auto" (Triton on CUDA), "triton" or "torch".
+    ``length``: a 0-d device tensor, the number of valid keys (a static cache longer than its
+    fill); keys from there on are ignored, read on the device (no host sync).
 
     >>> q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
     >>> flag = torch.tensor([0, 1, 1, 0, 0.0]); w = torch.zeros(5, 8); w[1:3, 0] = 0.5
@@ -136,13 +144,13 @@ def decode_attention(
         sums = torch.empty(b, h, 8, dtype=torch.float32, device=query.device)
         weights = weights.contiguous()
         kernel[(b * h,)](
-            query, key, value, out, flag, boost, weights, sums,
+            query, key, value, out, flag, boost, weights, sums, sums if length is None else length,
             query.stride(0), query.stride(1), query.stride(3), key.stride(0), key.stride(1), key.stride(2),
             key.stride(3), value.stride(0), value.stride(1), value.stride(2), value.stride(3),
             out.stride(0), out.stride(2), weights.stride(0), sums.stride(0), sums.stride(1),
             tk, tp, h, h // key.shape[1], float(scale),
             D=d, DP=triton.next_power_of_2(max(d, 16)), BLOCK_T=64, MULT=bool(multiplicative), WITH_STATS=True,
-            num_warps=4,
+            HAS_LEN=length is not None, num_warps=4,
         )
         return out, sums
     kv = key.shape[1]
@@ -152,6 +160,8 @@ def decode_attention(
     head = logits[..., :tp]
     head = head + boost_bias(head, bonus, "multiplicative" if multiplicative else "pre_softmax")
     logits = torch.cat([head, logits[..., tp:]], dim=-1)
+    if length is not None:
+        logits = logits.masked_fill(torch.arange(tk, device=logits.device) >= length, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     out = torch.matmul(probs.view(b, kv, h // kv, tk), value.float()).view(b, 1, h, d)
     full = torch.zeros(tk, 8, dtype=torch.float32, device=query.device)
