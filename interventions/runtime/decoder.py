@@ -173,10 +173,10 @@ class Decoder:
         return torch.stack(rows)
 
     def run(self, embeds: torch.Tensor, positions: torch.Tensor | None, cache: Any,
-            mask: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+            mask: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder stack over ``embeds`` with ``cache``; the LM head's float32 logits of the last row.
 
-        ``mask``: ready attention masks by layer type (transformers then builds none; the static
+        ``mask``: a ready 4D attention mask (transformers uses it as is and builds none; the static
         decode path passes its own).
         """
         out = self.stack(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,

@@ -123,7 +123,6 @@ class StaticDecoder:
         self.token = torch.zeros(self.batch, dtype=torch.long, device=device)
         self.ids = torch.zeros(max_new_tokens, dtype=torch.long, device=device)
         self.columns = torch.arange(self.max_len, device=device)
-        self.mask_types = sorted(set(getattr(decoder.stack.config, "layer_types", None) or ["full_attention"]))
         self.used_graph = False
 
     # -- one step ------------------------------------------------------------------------
@@ -134,8 +133,7 @@ class StaticDecoder:
         self.count.copy_(index + 1)
         mask = (self.columns <= index).view(1, 1, 1, -1).expand(self.batch, 1, 1, self.max_len)
         embeds = self.decoder.embed(self.token[:, None])
-        return self.decoder.run(embeds, self.base + self.offset, self.cache,
-                                mask={name: mask for name in self.mask_types})
+        return self.decoder.run(embeds, self.base + self.offset, self.cache, mask=mask)
 
     def _body(self, choose: Choose) -> Callable[[], None]:
         def body() -> None:
