@@ -146,3 +146,21 @@ def test_decode_attention_ignores_keys_past_the_length():
     assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(sums, ref_sums, atol=1e-6)
     unmasked, _ = decode_attention(q, k, v, 0.3, flag, boost, weights)
     assert not torch.allclose(unmasked, ref, atol=1e-3)
+
+
+def test_grouped_decode_attention_equals_sdpa_with_repeated_heads(tiny, av_example, monkeypatch):
+    from interventions.runtime import static_decoder
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 1, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask = (torch.arange(7) <= 4).view(1, 1, 1, 7).expand(2, 1, 1, 7)
+    got = static_decoder.GroupedDecodeAttention([]).attend(0, None, q, k, v, mask, 0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                                           attn_mask=mask, scale=0.3).transpose(1, 2)
+    assert got.shape == (2, 1, 6, 8) and torch.allclose(got, ref, atol=1e-6)
+    calls = []
+    original = static_decoder.GroupedDecodeAttention.attend
+    monkeypatch.setattr(static_decoder.GroupedDecodeAttention, "attend",
+                        lambda self, *a: calls.append(a[0]) or original(self, *a))
+    greedy_generate(tiny, av_example, 3)
+    assert sorted(set(calls)) == list(range(tiny.num_layers)) and len(calls) == 2 * tiny.num_layers

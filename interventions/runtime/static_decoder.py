@@ -27,10 +27,12 @@ import torch
 
 from nnsight_av.errors import InputError
 
+from .routing import AttentionHook
+
 if TYPE_CHECKING:
     from .decoder import Decoder, Prefill
 
-__all__ = ["StaticKV", "StaticDecoder", "static_supported", "use_static"]
+__all__ = ["StaticKV", "StaticDecoder", "GroupedDecodeAttention", "static_supported", "use_static"]
 
 #: ``choose(logits [B, V] float32, step 0-d long) -> token`` (0-d long, on the device, no host sync).
 Choose = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,6 +66,26 @@ class StaticKV:
         self.keys[layer_idx].index_copy_(2, self.index, key)
         self.values[layer_idx].index_copy_(2, self.index, value)
         return self.keys[layer_idx], self.values[layer_idx]
+
+
+class GroupedDecodeAttention(AttentionHook):
+    """One query row against the static cache without copying keys per query head.
+
+    With a mask, transformers' SDPA call repeats the cache's keys/values for every query head of a
+    group (grouped-query attention), which reads and writes the whole cache several times per layer
+    and step. For a single query row the heads of a group can instead be the query *rows* of one
+    SDPA call over that group's keys: ``[B, kv_heads, heads/kv_heads, d]`` against ``[B, kv_heads, T, d]``.
+    Other calls (prompt rows) are left to the next hook or SDPA.
+    """
+
+    def attend(self, layer, module, query, key, value, mask, scale):
+        b, h, n, d = query.shape
+        if n != 1:
+            return None
+        kv = key.shape[1]
+        out = torch.nn.functional.scaled_dot_product_attention(query.reshape(b, kv, h // kv, d), key, value,
+                                                               attn_mask=mask, scale=scale)
+        return out.reshape(b, 1, h, d)
 
 
 def static_supported(decoder: "Decoder") -> str:
@@ -174,7 +196,11 @@ class StaticDecoder:
         self.ids.zero_()
         self.ids[0] = first.reshape(())
         self.token.copy_(first.reshape(()).expand(self.batch))
-        step = self._body(choose)
+        with self.decoder.hooked(GroupedDecodeAttention(self.decoder.attention)):
+            return self._loop(self._body(choose), state)
+
+    def _loop(self, step: Callable[[], None], state: Sequence[torch.Tensor]) -> tuple[list[int], bool]:
+        n = self.max_new_tokens
         if self.graph and n > 1:
             step = self._capture(step, [self.offset, self.token, self.ids, *state])
             self.used_graph = True
