@@ -282,35 +282,36 @@ def asd_generate(
                                (reason_global or "no attention on any sink set") if fallback else ""
                                for t, fallback in enumerate(steps["fallback"])]
             steps = {key: steps[key] for key in ("s", "target", "w", "m", "C", "U", "fallback", "reason", "changed")}
-        for step in range(0 if not static else max_new_tokens, max_new_tokens):
-            if step == 0:
-                s = float(config.first_strength) if guided_on else 0.0
-                target, fallback, reason = 0.0, not guided_on, reason_global or "first token"
-            elif guided_on and math.isfinite(w) and math.isfinite(m) and (c + u) > 0:
-                target = strength_target(w, m, config)
-                s = config.momentum * previous + (1.0 - config.momentum) * target
-                fallback, reason = False, ""
-            else:
-                target, s, fallback = 0.0, 0.0, True
-                reason = reason_global or "no attention on any sink set"
-            mixed = unguided if s == 0.0 else unguided + s * (guided - unguided)
-            token = mixed.argmax()
-            value, plain = torch.stack([token, unguided.argmax()]).tolist()     # one device sync
-            ids.append(value)
-            record(s, target, w, m, c, u, fallback, reason, value != plain)
-            if keep_logprobs:
-                kept.append(torch.stack([unguided, guided]).cpu())
-            previous = s
-            if value in decoder.eos:
-                finished = True
-                break
-            if step == max_new_tokens - 1:
-                break
-            logits = decoder.step(token.reshape(1).expand(batch), prefill, step, cache)
-            w, m, c, u = step_statistics(hook.read(), config)
-            both = torch.log_softmax(logits, -1)
-            unguided = both[0]
-            guided = both[1] if guided_on else unguided
+        else:
+            for step in range(max_new_tokens):
+                if step == 0:
+                    s = float(config.first_strength) if guided_on else 0.0
+                    target, fallback, reason = 0.0, not guided_on, reason_global or "first token"
+                elif guided_on and math.isfinite(w) and math.isfinite(m) and (c + u) > 0:
+                    target = strength_target(w, m, config)
+                    s = config.momentum * previous + (1.0 - config.momentum) * target
+                    fallback, reason = False, ""
+                else:
+                    target, s, fallback = 0.0, 0.0, True
+                    reason = reason_global or "no attention on any sink set"
+                mixed = unguided if s == 0.0 else unguided + s * (guided - unguided)
+                token = mixed.argmax()
+                value, plain = torch.stack([token, unguided.argmax()]).tolist()     # one device sync
+                ids.append(value)
+                record(s, target, w, m, c, u, fallback, reason, value != plain)
+                if keep_logprobs:
+                    kept.append(torch.stack([unguided, guided]).cpu())
+                previous = s
+                if value in decoder.eos:
+                    finished = True
+                    break
+                if step == max_new_tokens - 1:
+                    break
+                logits = decoder.step(token.reshape(1).expand(batch), prefill, step, cache)
+                w, m, c, u = step_statistics(hook.read(), config)
+                both = torch.log_softmax(logits, -1)
+                unguided = both[0]
+                guided = both[1] if guided_on else unguided
     sync_device(decoder.device)
     ms = (time.perf_counter() - start) * 1000
     return ASDOutput(
