@@ -175,6 +175,10 @@ class StaticDecoder:
         with torch.cuda.stream(stream):
             for _ in range(2):        # kernels compile / autotune here, not while capturing
                 body()
+                # each warm-up step starts from the first position: two steps from there could write
+                # past the cache's end when max_new_tokens is 2
+                for tensor, value in zip(state, saved):
+                    tensor.copy_(value)
         torch.cuda.current_stream(self.decoder.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
