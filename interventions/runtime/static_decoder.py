@@ -21,12 +21,14 @@ EOS; tokens past an EOS are discarded, so the ids equal those of a loop that sto
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from nnsight_av.errors import InputError
 
+from .fused_layers import fused_decode_layers
 from .routing import AttentionHook
 
 if TYPE_CHECKING:
@@ -102,7 +104,9 @@ class StaticDecoder:
 
     ``layers``: the prompt's keys/values per layer (``Decoder.kv`` of the prefill's cache, or a
     cache built from it, e.g. ASD's two rows); ``graph``: capture the step as a CUDA graph
-    (None: on CUDA devices); ``check_every``: steps between reads of the ids for EOS.
+    (None: on CUDA devices); ``check_every``: steps between reads of the ids for EOS; ``fuse``: run
+    the decoder layers transformers' way (False) or, where the layer class is known, the same
+    computation in fewer kernels (`interventions.runtime.fused_layers`; ``fused`` says how many layers).
     Extra device tensors a ``choose`` mutates are passed to `generate` as ``state`` so that the
     graph's warm-up can be undone.
 
@@ -119,7 +123,7 @@ class StaticDecoder:
     """
 
     def __init__(self, decoder: "Decoder", prefill: "Prefill", layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 max_new_tokens: int, graph: bool | None = None, check_every: int = 16) -> None:
+                 max_new_tokens: int, graph: bool | None = None, check_every: int = 16, fuse: bool = True) -> None:
         reason = static_supported(decoder)
         if reason:
             raise InputError(f"static decoding is not available: {reason}")
@@ -146,6 +150,8 @@ class StaticDecoder:
         self.ids = torch.zeros(max_new_tokens, dtype=torch.long, device=device)
         self.columns = torch.arange(self.max_len, device=device)
         self.used_graph = False
+        self.fuse = bool(fuse)
+        self.fused = 0
 
     # -- one step ------------------------------------------------------------------------
     def forward(self) -> torch.Tensor:
@@ -200,7 +206,9 @@ class StaticDecoder:
         self.ids.zero_()
         self.ids[0] = first.reshape(())
         self.token.copy_(first.reshape(()).expand(self.batch))
-        with self.decoder.hooked(GroupedDecodeAttention(self.decoder.attention)):
+        with self.decoder.hooked(GroupedDecodeAttention(self.decoder.attention)), \
+                (fused_decode_layers(self.decoder.layers) if self.fuse else nullcontext(0)) as fused:
+            self.fused = fused
             return self._loop(self._body(choose), state)
 
     def _loop(self, step: Callable[[], None], state: Sequence[torch.Tensor]) -> tuple[list[int], bool]:
