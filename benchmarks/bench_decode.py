@@ -16,6 +16,14 @@ The floor is the time to read the decoder's weights once per token: bytes of the
 and the LM head over the GPU's nominal memory bandwidth (a table by GPU name; ``--bandwidth``
 in TB/s overrides it). Goals: greedy <= 2x the floor, ASD <= 1.1x greedy, greedy < HF generate.
 EOS is switched off (random weights would stop at arbitrary places).
+
+Kernels per step (``kernels_per_step``): on CUDA the kernels the profiler sees per generated token of
+the static path's eager step (``graph=False``: the same kernels a graph replay runs), for greedy and
+ASD, fused decode layers (the default) and transformers' own layers (``fuse=False``); on the CPU the
+aten ops per step (`interventions.runtime.op_count`). Token agreement: random bf16 weights give
+nearly tied logits, so the bf16 paths may part at a rounding; ``float32_agreement`` repeats the
+greedy-vs-DynamicCache and ASD comparisons on the small model in float32 on the same device, where
+any difference is a bug, not rounding.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from common import av_input, full_size_model, interleaved, parser, report  # noq
 
 from analyses.asd import ASDConfig, asd_generate, asd_sink_sets  # noqa: E402
 from analyses.decoding import fmd_generate, greedy_generate, vcd_generate  # noqa: E402
+from interventions.runtime import static_decoder  # noqa: E402
+from interventions.runtime.op_count import ops_per_step  # noqa: E402
 
 #: Nominal memory bandwidth (TB/s) by a substring of ``torch.cuda.get_device_name()``; first match wins.
 BANDWIDTH_TBPS = (
@@ -59,10 +69,62 @@ def weight_bytes(model) -> int:
     return total
 
 
+def kernels_per_step(run, cuda: bool) -> float:
+    """Per generated token: CUDA kernels (profiler) on CUDA, aten ops on the CPU; ``run(n)`` makes n tokens."""
+    if not cuda:
+        with torch.inference_mode():
+            return ops_per_step(run)
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(n: int) -> int:
+        run(n)                                     # compile / autotune outside the profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run(n)
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    return (kernels(6) - kernels(2)) / 4
+
+
+def unfused(call):
+    """``call()`` with the static decoder on transformers' own layer forward (``fuse=False``)."""
+    original = static_decoder.StaticDecoder.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **{**kwargs, "fuse": False})
+
+    static_decoder.StaticDecoder.__init__ = init
+    try:
+        return call()
+    finally:
+        static_decoder.StaticDecoder.__init__ = original
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    same = [x == y for x, y in zip(a, b)]
+    return same.index(False) if False in same else None
+
+
+def float32_agreement(device: str, n: int) -> dict[str, int | None]:
+    """First differing step of the static path vs the DynamicCache loop, small model in float32."""
+    model = full_size_model(device, torch.float32, small=True)
+    model._module.generation_config.eos_token_id = []
+    ex = av_input(model, 300).to(device)
+    config = ASDConfig(tau=0.0, sink_dims=(0,))
+    sets = asd_sink_sets(model, ex, config)
+    return {"greedy_vs_greedy_dynamic": first_difference(greedy_generate(model, ex, n).token_ids,
+                                                         greedy_generate(model, ex, n, static=False).token_ids),
+            "asd_vs_asd_dynamic": first_difference(asd_generate(model, ex, n, config, sinks=sets).token_ids,
+                                                   asd_generate(model, ex, n, config, sinks=sets,
+                                                                static=False).token_ids)}
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--bandwidth", type=float, default=None, help="nominal memory bandwidth in TB/s (overrides the table)")
+    p.add_argument("--no-counts", action="store_true", help="skip the kernels-per-step and float32 checks")
     p.add_argument("--methods", nargs="*", default=["hf_generate", "greedy_dynamic", "greedy_static_eager", "greedy",
                                                      "asd", "asd_dynamic", "vcd", "fmd"])
     args = p.parse_args()
@@ -122,8 +184,20 @@ def main() -> None:
         outs = run["outputs"]
         for a, b in (("greedy", "greedy_dynamic"), ("asd", "asd_dynamic"), ("greedy", "greedy_static_eager")):
             if a in outs and b in outs:
-                same = [x == y for x, y in zip(outs[a], outs[b])]
-                run[f"{a}_vs_{b}_first_difference"] = same.index(False) if False in same else None
+                run[f"{a}_vs_{b}_first_difference"] = first_difference(outs[a], outs[b])
+        if not args.no_counts:
+            counts = {
+                "greedy": kernels_per_step(lambda k: greedy_generate(model, ex, k, graph=False), cuda),
+                "greedy_unfused": kernels_per_step(lambda k: unfused(lambda: greedy_generate(model, ex, k, graph=False)),
+                                                   cuda),
+                "asd": kernels_per_step(lambda k: asd_generate(model, ex, k, config, sinks=sets, graph=False), cuda),
+                "asd_unfused": kernels_per_step(
+                    lambda k: unfused(lambda: asd_generate(model, ex, k, config, sinks=sets, graph=False)), cuda),
+            }
+            run["kernels_per_step" if cuda else "ops_per_step"] = counts
+            run["float32_agreement"] = float32_agreement(args.device, min(n, 32))
+            print(f"{'kernels' if cuda else 'ops'} per step: {counts}; float32 first differences (None: the same "
+                  f"tokens): {run['float32_agreement']}", file=sys.stderr, flush=True)
         run["outputs"] = {k: v[:16] for k, v in outs.items()}
         calls = {}
         for method in methods:
