@@ -90,22 +90,30 @@ def static_asd_loop(decoder: Decoder, prefill: Prefill, cache: Any, hook: ASDHoo
     w, m, c, u = first
     trace[0] = torch.stack([previous, previous.new_tensor(0.0), *(previous.new_tensor(x) for x in (w, m, c, u)),
                             previous.new_tensor(float(not guided_on)), changed.double()])
-    zero = previous.new_zeros(())
 
-    def choose(logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    def decide(logits: torch.Tensor, values: torch.Tensor, previous: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         both = torch.log_softmax(logits, -1)
         unguided = both[0]
         guided = both[1] if guided_on else unguided
-        w, m, c, u = device_statistics(hook.decode_buffer.mean(1), config)
+        w, m, c, u = device_statistics(values, config)
+        zero = previous.new_zeros(())
         if guided_on:
             ok = torch.isfinite(w) & torch.isfinite(m) & (c + u > 0)
             target = torch.where(ok, device_strength_target(w, m, config), zero)
             s = torch.where(ok, config.momentum * previous + (1.0 - config.momentum) * target, zero)
         else:
-            ok = torch.zeros((), dtype=torch.bool, device=device)
+            ok = torch.zeros((), dtype=torch.bool, device=previous.device)
             target = s = zero
         token, changed = _mix(unguided, guided, s)
-        row = torch.stack([s, target, w, m, c, u, (~ok).double(), changed.double()])
+        return token, torch.stack([s, target, w, m, c, u, (~ok).double(), changed.double()]), s
+
+    # ~50 tiny kernels written out (float64 scalars); one compiled function is a few on CUDA
+    if device.type == "cuda":
+        decide = torch.compile(decide, fullgraph=True, dynamic=False)
+
+    def choose(logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        token, row, s = decide(logits, hook.decode_buffer.mean(1), previous)
         trace.index_copy_(0, step.reshape(1), row[None])
         previous.copy_(s)
         return token
