@@ -37,11 +37,13 @@ import torch
 
 from interventions.runtime.decoder import Decoder, sync_device
 from interventions.runtime.hooks import applied
+from interventions.runtime.static_decoder import use_static
 from nnsight_av.errors import InputError
 
 from .asd_config import SINK_SETS, SINK_SHORTCUTS, ASDConfig  # noqa: F401  (re-exported)
 from .asd_hook import ASDHook, as_sink_sets, asd_sink_sets, fused_sink_sets, step_statistics
 from .asd_kernel import decode_attention  # noqa: F401  (re-exported)
+from .asd_static import static_asd_loop
 from .asd_schedule import next_strength, strength_schedule, strength_target  # noqa: F401  (re-exported)
 from .decoding import DecodeOutput, as_inputs, check_new_tokens
 from .plots import plot_asd_steps
@@ -130,6 +132,8 @@ def asd_generate(
     keep_logprobs: bool = False,
     backend: str = "auto",
     interventions: Any = None,
+    static: bool | None = None,
+    graph: bool | None = None,
 ) -> ASDOutput:
     """Sink-guided decoding (greedy choice on the mixed log-probabilities).
 
@@ -142,7 +146,9 @@ def asd_generate(
     becomes NaN. ``backend``: decode attention through the Triton kernel on CUDA ("auto"),
     or the written-out torch path ("torch"). ``interventions``: the user's own, applied to every
     forward (the sink-finding prefill, both branches, every step) on the hook runtime, on top
-    of ASD's routed attention.
+    of ASD's routed attention. ``static``/``graph``: as for `greedy_generate` (the static path keeps
+    the statistics and the strength schedule on the device, `analyses.asd_static`; it is not used
+    with ``keep_logprobs`` or ``interventions``); ``meta["decode"]`` says which ran.
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
@@ -160,6 +166,7 @@ def asd_generate(
         raise InputError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     ex = as_inputs(model, inputs)
     decoder = Decoder(model)
+    static = use_static(decoder, static, {"interventions": interventions is not None, "keep_logprobs": keep_logprobs})
     length = len(ex)
     layers = decoder.num_layers
     labels = ex.spans.modality_of()
@@ -267,42 +274,51 @@ def asd_generate(
 
         w, m, c, u = step_statistics(first_stats, config)
         previous = 0.0
-        for step in range(max_new_tokens):
-            if step == 0:
-                s = float(config.first_strength) if guided_on else 0.0
-                target, fallback, reason = 0.0, not guided_on, reason_global or "first token"
-            elif guided_on and math.isfinite(w) and math.isfinite(m) and (c + u) > 0:
-                target = strength_target(w, m, config)
-                s = config.momentum * previous + (1.0 - config.momentum) * target
-                fallback, reason = False, ""
-            else:
-                target, s, fallback = 0.0, 0.0, True
-                reason = reason_global or "no attention on any sink set"
-            mixed = unguided if s == 0.0 else unguided + s * (guided - unguided)
-            token = mixed.argmax()
-            value, plain = torch.stack([token, unguided.argmax()]).tolist()     # one device sync
-            ids.append(value)
-            record(s, target, w, m, c, u, fallback, reason, value != plain)
-            if keep_logprobs:
-                kept.append(torch.stack([unguided, guided]).cpu())
-            previous = s
-            if value in decoder.eos:
-                finished = True
-                break
-            if step == max_new_tokens - 1:
-                break
-            logits = decoder.step(token.reshape(1).expand(batch), prefill, step, cache)
-            w, m, c, u = step_statistics(hook.read(), config)
-            both = torch.log_softmax(logits, -1)
-            unguided = both[0]
-            guided = both[1] if guided_on else unguided
+        how = "dynamic"
+        if static:
+            ids, finished, steps, how = static_asd_loop(decoder, prefill, cache, hook, config, guided_on, unguided,
+                                                        guided, (w, m, c, u), max_new_tokens, graph)
+            steps["reason"] = [(reason_global or "first token") if t == 0 else
+                               (reason_global or "no attention on any sink set") if fallback else ""
+                               for t, fallback in enumerate(steps["fallback"])]
+            steps = {key: steps[key] for key in ("s", "target", "w", "m", "C", "U", "fallback", "reason", "changed")}
+        else:
+            for step in range(max_new_tokens):
+                if step == 0:
+                    s = float(config.first_strength) if guided_on else 0.0
+                    target, fallback, reason = 0.0, not guided_on, reason_global or "first token"
+                elif guided_on and math.isfinite(w) and math.isfinite(m) and (c + u) > 0:
+                    target = strength_target(w, m, config)
+                    s = config.momentum * previous + (1.0 - config.momentum) * target
+                    fallback, reason = False, ""
+                else:
+                    target, s, fallback = 0.0, 0.0, True
+                    reason = reason_global or "no attention on any sink set"
+                mixed = unguided if s == 0.0 else unguided + s * (guided - unguided)
+                token = mixed.argmax()
+                value, plain = torch.stack([token, unguided.argmax()]).tolist()     # one device sync
+                ids.append(value)
+                record(s, target, w, m, c, u, fallback, reason, value != plain)
+                if keep_logprobs:
+                    kept.append(torch.stack([unguided, guided]).cpu())
+                previous = s
+                if value in decoder.eos:
+                    finished = True
+                    break
+                if step == max_new_tokens - 1:
+                    break
+                logits = decoder.step(token.reshape(1).expand(batch), prefill, step, cache)
+                w, m, c, u = step_statistics(hook.read(), config)
+                both = torch.log_softmax(logits, -1)
+                unguided = both[0]
+                guided = both[1] if guided_on else unguided
     sync_device(decoder.device)
     ms = (time.perf_counter() - start) * 1000
     return ASDOutput(
         "asd", decoder.decode_text(ids), ids, length, ms, finished,
         {"max_new_tokens": max_new_tokens, "config": config.to_dict()},
         {"first_boosted_row": first_row, "boost_columns": int(boost_cols.numel()), "sink_dims": list(dims),
-         "tau": tau if fused else None},
+         "tau": tau if fused else None, "decode": how},
         steps, {name: sets[name].tolist() for name in SINK_SETS},
         torch.stack(kept) if keep_logprobs and kept else None,
     )

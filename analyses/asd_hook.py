@@ -100,6 +100,9 @@ class ASDHook(AttentionHook):
         self.media_cols: torch.Tensor | None = None
         self.row_groups: torch.Tensor | None = None
         self.col_sums: dict[int, torch.Tensor] = {}
+        # static-cache decoding: the number of valid keys (a device tensor the step sets); the mask is then
+        # implied by it, so every boosted or target layer runs the decode kernel.
+        self.length: torch.Tensor | None = None
 
     def set_sets(self, sets: dict[str, torch.Tensor], boost_layers: list[int], length: int, tail_start: int) -> None:
         """Fix the sink sets once they are known (after the analysis prefill)."""
@@ -136,10 +139,11 @@ class ASDHook(AttentionHook):
                 self._record(layer, _row_probs(query[0, :, -1], key[0], scale))
             return None
         boost = layer in self.boost and len(self.guided) > 0
-        if mode == "decode" and (boost or stats) and mask is None and query.shape[2] == 1:
+        static = self.length is not None
+        if mode == "decode" and (boost or stats) and (mask is None or static) and query.shape[2] == 1:
             amounts = self.decode_amounts if boost else self.zero_amounts
             out, sums = decode_attention(query, key, value, scale, self.flag, amounts, self.weights,
-                                         self.config.boost_mode == "multiplicative", self.backend)
+                                         self.config.boost_mode == "multiplicative", self.backend, self.length)
             if stats:
                 self.decode_buffer[self.target[layer]] = sums[0, :, :5]
             return out

@@ -29,6 +29,7 @@ from interventions.modality import blank_inputs
 from interventions.runtime.decoder import Decoder, Prefill, StopForward, data_on, sync_device  # noqa: F401
 from interventions.runtime.hooks import applied
 from interventions.runtime.routing import ATTENTION_IMPLEMENTATION, AttentionHook  # noqa: F401
+from interventions.runtime.static_decoder import StaticDecoder, use_static
 
 from .plots import plot_tokens
 from .results import JsonResult
@@ -117,6 +118,21 @@ def _greedy_loop(decoder: Decoder, prefill: Prefill, max_new_tokens: int,
     return ids, False
 
 
+def decode_loop(decoder: Decoder, prefill: Prefill, max_new_tokens: int,
+                choose: Callable[[torch.Tensor], torch.Tensor], batch: int, static: bool,
+                graph: bool | None = None) -> tuple[list[int], bool, str]:
+    """`_greedy_loop` on the prefill's DynamicCache, or the same choice over a static cache.
+
+    Returns the ids, whether EOS ended them, and how they were decoded: "dynamic", "static"
+    (static cache, eager steps) or "graph" (static cache, CUDA graph replays).
+    """
+    if not static:
+        return (*_greedy_loop(decoder, prefill, max_new_tokens, choose, prefill.cache, batch), "dynamic")
+    loop = StaticDecoder(decoder, prefill, Decoder.kv(prefill.cache), max_new_tokens, graph)
+    ids, finished = loop.generate(choose(prefill.logits), lambda logits, step: choose(logits))
+    return ids, finished, "graph" if loop.used_graph else "static"
+
+
 def as_inputs(model: "AVModel", inputs: Any) -> "AVInputs":
     """``inputs`` if it is `AVInputs`, else an `InputError` (decoding takes prepared inputs only)."""
     if not isinstance(inputs, AVInputs):
@@ -128,12 +144,16 @@ def as_inputs(model: "AVModel", inputs: Any) -> "AVInputs":
 # greedy
 # ---------------------------------------------------------------------------------------
 def greedy_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64, *,
-                    interventions: Any = None) -> DecodeOutput:
+                    interventions: Any = None, static: bool | None = None, graph: bool | None = None) -> DecodeOutput:
     """Greedy decoding with a KV cache (the baseline every other method is timed against).
 
     Equal to ``model.generate(ex, do_sample=False)`` token for token; it stops at EOS.
     ``interventions``: applied at the prefill and every step (`interventions.runtime.applied`),
-    the same as ``interventions.generate(model, ex, iv, runtime="hooks")``.
+    the same as ``interventions.generate(model, ex, iv, runtime="hooks")``. ``static``: decode over a
+    static KV cache with steps that never wait for the host (`interventions.runtime.static_decoder`;
+    CUDA graphs on CUDA unless ``graph=False``), the same tokens as the DynamicCache loop
+    (``static=False``); None (default) uses it unless ``interventions`` are given (the same holds for
+    VCD, FMD and ASD). ``meta["decode"]``: "dynamic", "static" or "graph".
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
@@ -145,14 +165,15 @@ def greedy_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 
     check_new_tokens(max_new_tokens)
     ex = as_inputs(model, inputs)
     decoder = Decoder(model)
+    static = use_static(decoder, static, {"interventions": interventions is not None})
     start = time.perf_counter()
     with torch.inference_mode(), applied(model, ex, interventions):
         prefill = decoder.prefill(decoder.data(ex))
-        ids, finished = _greedy_loop(decoder, prefill, max_new_tokens, lambda lg: lg[0].argmax(), prefill.cache, 1)
+        ids, finished, how = decode_loop(decoder, prefill, max_new_tokens, lambda lg: lg[0].argmax(), 1, static, graph)
     sync_device(decoder.device)
     ms = (time.perf_counter() - start) * 1000
     return DecodeOutput("greedy", decoder.decode_text(ids), ids, len(ex), ms, finished,
-                        {"max_new_tokens": max_new_tokens})
+                        {"max_new_tokens": max_new_tokens}, {"decode": how})
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,7 +246,7 @@ def noised_features(inputs: "AVInputs | dict[str, Any]", noise_step: int = 500, 
 def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64, alpha: float = 1.0,
                  beta: float = 0.1, noise_step: int = 500, seed: int = 0,
                  modalities: Sequence[str] = ("video", "audio"), schedule: str = "sigmoid", *,
-                 interventions: Any = None) -> DecodeOutput:
+                 interventions: Any = None, static: bool | None = None, graph: bool | None = None) -> DecodeOutput:
     """Visual contrastive decoding extended to audio and video (Leng et al., 2024).
 
     The clean prompt and a copy whose video and audio features are noised (`noised_features`)
@@ -236,6 +257,7 @@ def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     schedule, as in VCD's released code; ``schedule="linear"`` is DDPM's, much noisier).
 
     ``interventions``: applied to every forward of both rows, prompt and steps (the hook runtime).
+    ``static``/``graph``: as for `greedy_generate`.
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
@@ -250,6 +272,7 @@ def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     diffusion_keep(noise_step, schedule)  # checks both before the model runs
     ex = as_inputs(model, inputs)
     decoder = Decoder(model)
+    static = use_static(decoder, static, {"interventions": interventions is not None})
     start = time.perf_counter()
     log_beta = math.log(beta) if beta > 0 else -math.inf
 
@@ -264,12 +287,12 @@ def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
         noisy = noised_features(clean, noise_step, seed, modalities, schedule)
         batch = model.adapter.collate([clean, noisy], padding_side="right", pad_id=0)
         prefill = decoder.prefill(decoder.data(batch))
-        ids, finished = _greedy_loop(decoder, prefill, max_new_tokens, choose, prefill.cache, 2)
+        ids, finished, how = decode_loop(decoder, prefill, max_new_tokens, choose, 2, static, graph)
     sync_device(decoder.device)
     ms = (time.perf_counter() - start) * 1000
     return DecodeOutput("vcd", decoder.decode_text(ids), ids, len(ex), ms, finished,
                         {"max_new_tokens": max_new_tokens, "alpha": alpha, "beta": beta, "noise_step": noise_step,
-                         "schedule": schedule, "seed": seed, "modalities": list(modalities)})
+                         "schedule": schedule, "seed": seed, "modalities": list(modalities)}, {"decode": how})
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,7 +339,8 @@ class _ForkHook(AttentionHook):
 
 
 def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64, fork_layer: int | None = None,
-                 merge: str | float = "attention", eps: float = 1e-8, *, interventions: Any = None) -> DecodeOutput:
+                 merge: str | float = "attention", eps: float = 1e-8, *, interventions: Any = None,
+                 static: bool | None = None, graph: bool | None = None) -> DecodeOutput:
     """Fork-merge decoding (Jung et al., 2025), as we read it.
 
     Fork: decoder layers ``0 .. fork_layer - 1`` run on two versions of the prompt, an
@@ -334,6 +358,7 @@ def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     blanked inputs runs the processor; its time is in ``meta["prepare_ms"]``, not in ``ms``.
 
     ``interventions``: applied to every forward of both rows, prompt and steps (the hook runtime).
+    ``static``/``graph``: as for `greedy_generate`.
 
     >>> import nnsight_av as nav
     >>> model = nav.testing.tiny_model()
@@ -346,6 +371,7 @@ def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     check_new_tokens(max_new_tokens)
     ex = as_inputs(model, inputs)
     decoder = Decoder(model)
+    static = use_static(decoder, static, {"interventions": interventions is not None})
     layers = decoder.num_layers
     fork = max(1, layers // 4) if fork_layer is None else fork_layer
     if not isinstance(fork, int) or not 1 <= fork <= layers - 1:
@@ -391,8 +417,8 @@ def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
         try:
             with decoder.hooked(hook):
                 prefill = decoder.prefill(decoder.data(batch))
-                ids, finished = _greedy_loop(decoder, prefill, max_new_tokens, lambda lg: lg[0].argmax(),
-                                             prefill.cache, 2)
+                ids, finished, how = decode_loop(decoder, prefill, max_new_tokens, lambda lg: lg[0].argmax(), 2,
+                                                 static, graph)
         finally:
             handle.remove()
     sync_device(decoder.device)
@@ -401,4 +427,4 @@ def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     return DecodeOutput("fmd", decoder.decode_text(ids), ids, len(ex), ms, finished,
                         {"max_new_tokens": max_new_tokens, "fork_layer": fork,
                          "merge": merge if isinstance(merge, str) else float(merge)},
-                        {"merge_weight_audio": w, "prepare_ms": prepare_ms})
+                        {"merge_weight_audio": w, "prepare_ms": prepare_ms, "decode": how})

@@ -110,3 +110,32 @@ def test_asd_triton_decode_equals_torch_path_on_gpu():
     assert fast.token_ids == plain.token_ids
     assert torch.allclose(torch.as_tensor(fast.s), torch.as_tensor(plain.s), atol=1e-5)
     assert torch.allclose(fast.logprobs, plain.logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize("new_tokens", [2, 3, 24])
+@pytest.mark.parametrize("method", ["greedy", "vcd", "fmd", "asd"])
+def test_static_graph_replay_equals_eager_steps_on_gpu(method, new_tokens):
+    """CUDA graph replays of the static decode step give the same tokens as the same step run eagerly,
+    and as the DynamicCache loop (float32 tiny model; ASD through the Triton decode kernel)."""
+    from analyses.asd import ASDConfig, asd_generate
+    from analyses.decoding import fmd_generate, greedy_generate, vcd_generate
+
+    model = on_gpu(nav.testing.tiny_model(seed=0))
+    ex = model.prepare(video=nav.testing.synthetic_frames(2.0, 2, 56), audio=nav.testing.synthetic_tone(2.0),
+                       text="Describe it.").to("cuda")
+    sets = {"av": ex.spans.audio[:2], "va": ex.spans.video[:2], "aa": ex.spans.audio[2:4], "vv": ex.spans.video[2:4]}
+    config = ASDConfig(boost_start=1, target_start=1, alpha=5.0, lam=10.0, cap=10.0, gate=1e-3,
+                       boost_mode="multiplicative")
+    run = {"greedy": lambda **kw: greedy_generate(model, ex, new_tokens, **kw),
+           "vcd": lambda **kw: vcd_generate(model, ex, new_tokens, **kw),
+           "fmd": lambda **kw: fmd_generate(model, ex, new_tokens, **kw),
+           "asd": lambda **kw: asd_generate(model, ex, new_tokens, config, sinks=sets, **kw)}[method]
+    graph, eager, dynamic = run(), run(graph=False), run(static=False)
+    assert (graph.meta["decode"], eager.meta["decode"], dynamic.meta["decode"]) == ("graph", "static", "dynamic")
+    assert graph.num_new_tokens == new_tokens
+    assert graph.token_ids == eager.token_ids
+    assert graph.token_ids == dynamic.token_ids
+    if method == "asd":
+        assert graph.steps["changed"] == eager.steps["changed"] and max(graph.s) > 0
+        assert torch.allclose(torch.as_tensor(graph.s), torch.as_tensor(eager.s), atol=1e-6)
+        assert torch.allclose(torch.as_tensor(graph.s), torch.as_tensor(dynamic.s), atol=1e-4)

@@ -77,18 +77,22 @@ from analyses.asd import decode_attention
 
 multiplicative = json.loads(sys.argv[1])
 torch.manual_seed(0)
-b, h, kv, t, tp, d = 3, 4, 2, 150, 120, 24   # 150 keys: a partial last block; 30 generated keys after the prompt
-q, k, v = torch.randn(b, h, 1, d), torch.randn(b, kv, t, d), torch.randn(b, kv, t, d)
-flag = (torch.rand(tp) < 0.2).float()
-boost = torch.tensor([0.0, 0.5, 2.0])
-weights = torch.rand(tp, 8) * (torch.rand(tp, 8) < 0.3)
 errors = {}
-for dtype in (torch.float16, torch.float32):
-    args = (q.to(dtype), k.to(dtype), v.to(dtype), d ** -0.5, flag, boost, weights, multiplicative)
-    out_t, sums_t = decode_attention(*args, backend="triton")
-    out_r, sums_r = decode_attention(*args, backend="torch")
-    errors[f"{dtype}-out"] = float((out_t.float() - out_r.float()).abs().max())
-    errors[f"{dtype}-sums"] = float((sums_t - sums_r).abs().max())
+# 150 keys: a partial last block, 30 generated keys after the prompt (3 key splits); 2300 keys: 18 splits of
+# 2 blocks each, the last split partly empty; with a fill level (static cache) of 1000 the splits past it are empty
+for t, tp, length in ((150, 120, None), (2300, 900, None), (2300, 900, 1000)):
+    b, h, kv, d = 3, 4, 2, 24
+    q, k, v = torch.randn(b, h, 1, d), torch.randn(b, kv, t, d), torch.randn(b, kv, t, d)
+    flag = (torch.rand(tp) < 0.2).float()
+    boost = torch.tensor([0.0, 0.5, 2.0])
+    weights = torch.rand(tp, 8) * (torch.rand(tp, 8) < 0.3)
+    fill = None if length is None else torch.tensor(length)
+    for dtype in (torch.float16, torch.float32):
+        args = (q.to(dtype), k.to(dtype), v.to(dtype), d ** -0.5, flag, boost, weights, multiplicative)
+        out_t, sums_t = decode_attention(*args, backend="triton", length=fill)
+        out_r, sums_r = decode_attention(*args, backend="torch", length=fill)
+        errors[f"{t}-{length}-{dtype}-out"] = float((out_t.float() - out_r.float()).abs().max())
+        errors[f"{t}-{length}-{dtype}-sums"] = float((sums_t - sums_r).abs().max())
 print(json.dumps(errors))
 """
 

@@ -8,6 +8,8 @@ objects on the plain modules (``model.raw(...)``) instead:
   ``AttentionInterface``) and `AttentionHook`, for everything inside attention;
 - `decoder`: `Decoder`, the prefill that stops after the decoder stack and cached decode
   steps (KV-cache handling, rope positions);
+- `static_decoder`: `StaticDecoder`, decode steps over a preallocated KV cache that never wait
+  for the host, captured as a CUDA graph on CUDA (the default decode path of the analyses);
 - `hooks`: `applied`, which compiles interventions to the same ops the nnsight engine runs
   and executes them from forward hooks and the routed attention function; `observed` and
   `gradients_from` for reading sites (and taking gradients) without editing them;
@@ -25,7 +27,9 @@ from .hooks import HookExecutor, applied, gradients_from, observed
 from .kv_cache import KVRecorder, LayerRecord, PrefixKV, ScatterKV, recording, resume
 from .prefill import read_attention, run_prefill
 from .routing import ATTENTION_IMPLEMENTATION, AttentionHook, active_hooks, route_attention
+from .static_decoder import StaticDecoder, StaticKV
 
 __all__ = ["Decoder", "Prefill", "StopForward", "data_on", "sync_device", "ATTENTION_IMPLEMENTATION",
            "AttentionHook", "active_hooks", "route_attention", "applied", "HookExecutor", "observed", "gradients_from",
-           "KVRecorder", "LayerRecord", "PrefixKV", "ScatterKV", "recording", "resume", "run_prefill", "read_attention"]
+           "KVRecorder", "LayerRecord", "PrefixKV", "ScatterKV", "recording", "resume", "run_prefill", "read_attention",
+           "StaticDecoder", "StaticKV"]

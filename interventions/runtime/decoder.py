@@ -172,9 +172,15 @@ class Decoder:
             rows[0] = (torch.arange(count, device=start.device) + prefill.length + offset)[None].expand_as(new)
         return torch.stack(rows)
 
-    def run(self, embeds: torch.Tensor, positions: torch.Tensor | None, cache: Any) -> torch.Tensor:
-        """Decoder stack over ``embeds`` with ``cache``; the LM head's float32 logits of the last row."""
-        out = self.stack(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True)
+    def run(self, embeds: torch.Tensor, positions: torch.Tensor | None, cache: Any,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder stack over ``embeds`` with ``cache``; the LM head's float32 logits of the last row.
+
+        ``mask``: a ready 4D attention mask (transformers uses it as is and builds none; the static
+        decode path passes its own).
+        """
+        out = self.stack(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,
+                         attention_mask=mask)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return self.lm_head(hidden[:, -1]).float()
 
