@@ -203,6 +203,8 @@ def test_gpu_trace_makes_no_synchronising_cuda_call(layout):
             logits = trace()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    cuda_syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    # torch warns once that the debug mode itself is a prototype: that warning is not a sync
+    cuda_syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()
+                  and "prototype feature" not in str(w.message)]
     assert not cuda_syncs and syncs.count == 0, (cuda_syncs[:3], syncs.summary())
     assert torch.equal(logits, expected)

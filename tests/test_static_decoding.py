@@ -180,13 +180,14 @@ def _static_logits(decoder, prefill, fuse, steps=4):
 
 def test_fused_layers_give_bit_identical_logits_on_cpu(tiny, av_example):
     decoder = Decoder(tiny)
+    wrappers = [vars(layer).get("forward") for layer in decoder.layers]      # nnsight's, where it set one
     with torch.inference_mode():
         prefill = decoder.prefill(decoder.data(av_example))
         fused, ids, logits = _static_logits(decoder, prefill, True)
         plain, ids_plain, logits_plain = _static_logits(decoder, prefill, False)
     assert fused == tiny.num_layers and plain == 0
     assert ids == ids_plain and torch.equal(logits, logits_plain)
-    assert all("forward" not in vars(layer) for layer in decoder.layers)      # the swap is undone
+    assert all(vars(layer).get("forward") is was for layer, was in zip(decoder.layers, wrappers))  # swap undone
 
 
 def test_fused_layers_skip_a_layer_with_submodule_hooks(tiny, av_example):
@@ -221,3 +222,29 @@ def test_fused_layers_cut_the_ops_per_step(tiny, av_example, monkeypatch):
         plain = ops_per_step(lambda n: greedy_generate(tiny, av_example, n))
     # the 4-layer tiny model: ~170 ops per step transformers' way, ~80 fused (5 matmuls + ~12 other ops per layer)
     assert fused < 0.6 * plain and fused < 0.6 * dynamic
+
+
+def test_traces_still_work_after_a_fused_static_decode():
+    """The fused layers swap ``forward`` only while the loop runs and put nnsight's own wrapper back
+    (dropping it made every later trace of the model fail with OutOfOrderError)."""
+    model = nav.testing.tiny_model(seed=0)
+    ex = model.prepare(text="Hi there")
+    with model.trace(ex):
+        before = model.layers[0].output.save()
+    out = greedy_generate(model, ex, 3, static=True)
+    assert out.meta["decode"] in ("static", "graph")
+    with model.trace(ex):
+        after = model.layers[0].output.save()
+    assert torch.equal(before, after)
+
+
+def test_transformers_output_capturing_hooks_keep_the_fused_path(tiny, av_example):
+    """transformers leaves its output-capturing hooks on the attention modules after a call that asked
+    for attentions; they are not user hooks and must not turn the fused decode layers off."""
+    from interventions.runtime.fused_layers import fusable
+
+    with torch.inference_mode():
+        tiny.raw()(**av_example.data, output_attentions=True)
+    attn = tiny.raw("layers")[0].self_attn
+    assert attn._forward_hooks, "transformers installed no output-capturing hook (the test needs one)"
+    assert fusable(tiny.raw("layers")[0])

@@ -55,7 +55,7 @@ OPTIONS = [{}, {"fma_exp": 1}, {"trans_q": 1}, {"reverse": 1}, {"heads_first": 1
 
 def interpret(script: str, argument: object) -> dict[str, float]:
     """Run ``script`` (which prints a JSON dict last) with Triton's interpreter on."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", script, json.dumps(argument)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

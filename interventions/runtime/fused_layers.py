@@ -114,7 +114,18 @@ def fusable(layer: torch.nn.Module) -> bool:
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules() if m is not layer)
+    return not any(_user_hooks(m) for m in layer.modules() if m is not layer)
+
+
+def _user_hooks(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has forward hooks other than transformers' own output-capturing ones.
+
+    transformers installs those on attention modules at the first call that asks for attentions
+    or hidden states and leaves them in place; they record nothing unless a call asks again, and
+    a decode step never does, so they must not turn the fused path off for the rest of the session.
+    """
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return any(not getattr(hook, "__module__", "").startswith("transformers.") for hook in hooks)
 
 
 #: Per layer: the concatenated q/k/v weight and bias, and what they were built from.
@@ -178,19 +189,27 @@ def fused_decode_layers(layers: Sequence[torch.nn.Module]) -> Iterator[int]:
 
     >>> import nnsight_av as nav
     >>> layers = nav.testing.tiny_model().raw("layers")
+    >>> before = vars(layers[0]).get("forward")
     >>> with fused_decode_layers(layers) as count:
-    ...     swapped = "forward" in vars(layers[0])
-    >>> count == len(layers), swapped, "forward" in vars(layers[0])
-    (True, True, False)
+    ...     swapped = vars(layers[0]).get("forward") is not before
+    >>> count == len(layers), swapped, vars(layers[0]).get("forward") is before
+    (True, True, True)
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     chosen = [layer for layer in layers if fusable(layer)
               and layer.self_attn.config._attn_implementation in ALL_ATTENTION_FUNCTIONS]
+    # nnsight keeps its own wrapper as the instance's ``forward``: it is put back exactly, or every
+    # later trace of the model would run past the envoys it waits on
+    missing = object()
+    before = [vars(layer).get("forward", missing) for layer in chosen]
     for layer in chosen:
         layer.forward = _forward(layer, _ops(layer.self_attn.q_proj.weight.device))
     try:
         yield len(chosen)
     finally:
-        for layer in chosen:
-            vars(layer).pop("forward", None)
+        for layer, old in zip(chosen, before):
+            if old is missing:
+                vars(layer).pop("forward", None)
+            else:
+                layer.forward = old
