@@ -12,6 +12,9 @@ before that synchronisation: the host's share, which on a GPU overlaps the kerne
 index alone is timed too: transformers' ``get_rope_index`` on the device tensors vs the
 adapter's vectorised one on the prepared (host) tensors, moved to the device.
 
+``trace_default`` is ``model.trace(ex)`` as a user writes it (no KV cache built since a trace
+asks for none); ``trace_kv_cache`` asks for one (``use_cache=True``, the old default).
+
 ``planned`` / ``trace_cached`` also pass the prepared input's media plan (issue 17 item 4:
 no host<->device sync in the forward); ``trace_unplanned`` is the trace without it. For
 these, ``gpu`` is the GPU-busy time of one call from torch.profiler and
@@ -34,7 +37,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import av_input, cuda_syncs, full_size_model, gpu_busy, interleaved, parser, report  # noqa: E402
 
-from nnsight_av.adapters.base import PLAN_KEY  # noqa: E402
 from nnsight_av.testing import watch_syncs  # noqa: E402
 
 
@@ -80,9 +82,11 @@ def main() -> None:
                     module(**data, use_cache=False)
             return run
 
-        def traced(inputs):
+        def traced(inputs, trace_kwargs=None):
+            trace_kwargs = {"use_cache": False} if trace_kwargs is None else trace_kwargs
+
             def run() -> None:
-                with torch.inference_mode(), model.trace(inputs, use_cache=False):
+                with torch.inference_mode(), model.trace(inputs, **trace_kwargs):
                     model.logits.save()
             return run
 
@@ -95,15 +99,17 @@ def main() -> None:
             positions.to(args.device, non_blocking=True)
 
         # What a trace passes to the module: the plan, and no all-ones attention mask.
-        planned = model.adapter.forward_inputs({**cached, PLAN_KEY: ex.plan})
+        planned = model.module_inputs(ex)
         calls = {"forward_uncached": forward(plain), "forward_cached": forward(cached),
                  "forward_planned": forward(planned), "trace_uncached": traced(plain),
-                 "trace_unplanned": traced(dataclasses.replace(ex, plan=None)), "trace_cached": traced(ex)}
+                 "trace_unplanned": traced(dataclasses.replace(ex, plan=None)), "trace_cached": traced(ex),
+                 "trace_default": traced(ex, {}), "trace_kv_cache": traced(ex, {"use_cache": True})}
         wall = interleaved(calls, repeat=args.repeat)
         host = host_times(calls, args.device, args.repeat)
         index = interleaved({"hf_get_rope_index": hf_index, "vectorised_index": our_index}, repeat=args.repeat)
         run = {"tokens": len(ex), "wall": wall, "host_ms": host, "rope_index": index}
-        measured = ("forward_cached", "forward_planned", "trace_unplanned", "trace_cached")
+        measured = ("forward_cached", "forward_planned", "trace_unplanned", "trace_cached", "trace_default",
+                    "trace_kv_cache")
         busy = {name: gpu_busy(calls[name]) for name in measured}
         if all(busy.values()):
             run["gpu"] = busy

@@ -282,25 +282,47 @@ class AVModel(Remotable):
             if not inputs:
                 items.append(kwargs)
                 continue
-            data = inputs[0]
-            if isinstance(data, AVInputs):
-                items.append(data.data if data.plan is None else {**data.data, PLAN_KEY: data.plan})
-            elif isinstance(data, dict):
-                items.append(data)
-            else:
-                raise InputError(f"trace inputs must be AVInputs (from model.prepare) or a dict of processor "
-                                 f"tensors, got {type(data).__name__}")
+            items.append(self._module_item(inputs[0]))
             extra.update(kwargs)
+        batch, offsets = self._collate_items(items, generating)
+        object.__setattr__(self, "_padding_offsets", offsets)
+        kwargs = self.adapter.forward_inputs({**batch, **extra}, generating)
+        if (not generating and "use_cache" not in kwargs and "past_key_values" not in kwargs
+                and self._takes_use_cache()):
+            # A traced forward reads no KV cache unless asked (``model.trace(ex, use_cache=True)``);
+            # building one costs a copy of every layer's keys and values.
+            kwargs["use_cache"] = False
+        return (), kwargs
+
+    def _takes_use_cache(self) -> bool:
+        import inspect
+
+        cached = self.__dict__.get("_use_cache_param")
+        if cached is None:
+            cached = "use_cache" in inspect.signature(type(self._module).forward).parameters
+            object.__setattr__(self, "_use_cache_param", cached)
+        return cached
+
+    @staticmethod
+    def _module_item(data: Any) -> dict[str, Any]:
+        """One input's forward arguments: an `AVInputs`' data with its plan, or a dict as given."""
+        if isinstance(data, AVInputs):
+            return data.data if data.plan is None else {**data.data, PLAN_KEY: data.plan}
+        if isinstance(data, dict):
+            return data
+        raise InputError(f"trace inputs must be AVInputs (from model.prepare) or a dict of processor "
+                         f"tensors, got {type(data).__name__}")
+
+    def _collate_items(self, items: list[dict[str, Any]], generating: bool) -> tuple[dict[str, Any], list[int]]:
+        """One forward's arguments for ``items`` (padded: right, left when generating) and each row's offset."""
         if len(items) == 1:
-            batch = dict(items[0])
-            object.__setattr__(self, "_padding_offsets", [0])
+            batch, offsets = dict(items[0]), [0]
         else:
             pad_id = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
             side = "left" if generating else "right"
             batch = self.adapter.collate(items, padding_side=side, pad_id=pad_id or 0)
             longest = batch["input_ids"].shape[1]
             offsets = [longest - item["input_ids"].shape[-1] if side == "left" else 0 for item in items]
-            object.__setattr__(self, "_padding_offsets", offsets)
         positions = batch.get("position_ids")
         if torch.is_tensor(positions) and positions.shape[-1] != batch["input_ids"].shape[-1]:
             raise InputError(f"the cached position_ids cover {positions.shape[-1]} tokens but input_ids has "
@@ -308,7 +330,30 @@ class AVModel(Remotable):
                              "(or prepare the new prompt)")
         if generating and torch.is_tensor(positions) and "attention_mask" in batch:
             batch["position_ids"] = self.adapter.generation_position_ids(batch["position_ids"], batch["attention_mask"])
-        return (), self.adapter.forward_inputs({**batch, **extra}, generating)
+        return batch, offsets
+
+    def module_inputs(self, inputs: "AVInputs | dict[str, Any] | list[AVInputs | dict[str, Any]]",
+                      generating: bool = False) -> dict[str, Any]:
+        """The keyword arguments a raw module call (``model.raw()(**kwargs)``) should get for ``inputs``.
+
+        What a trace passes: a list is collated into one batch as ``tracer.invoke`` blocks are
+        (right padding; left when ``generating``), a prepared input's media plan and cached
+        positions are included and `Adapter.forward_inputs` is applied, so the forward makes no
+        host sync. Tensors stay where ``inputs`` has them (the plan follows the model); add
+        ``use_cache``/``past_key_values`` as the call needs.
+
+        >>> import nnsight_av as nav
+        >>> model = nav.testing.tiny_model()
+        >>> ex = model.prepare(audio=nav.testing.synthetic_tone(1.0), text="hi")
+        >>> logits = model.raw()(**model.module_inputs(ex), use_cache=False).logits
+        >>> logits.shape[1] == len(ex)
+        True
+        """
+        listed = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if not listed:
+            raise InputError("module_inputs needs at least one input")
+        batch, _ = self._collate_items([self._module_item(x) for x in listed], generating)
+        return self.adapter.forward_inputs(batch, generating)
 
     @property
     def padding_offsets(self) -> list[int]:

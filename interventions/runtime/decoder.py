@@ -95,9 +95,12 @@ class Decoder:
         self.eos = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
 
     # -- inputs ------------------------------------------------------------------------
-    def data(self, inputs: "AVInputs | dict[str, Any]") -> dict[str, Any]:
-        raw = inputs.data if hasattr(inputs, "data") else inputs
-        return data_on(dict(raw), self.device, self.dtype)
+    def data(self, inputs: "AVInputs | dict[str, Any] | list[AVInputs]") -> dict[str, Any]:
+        """The module's keyword arguments for ``inputs`` on this model's device (`AVModel.module_inputs`).
+
+        A prepared input brings its media plan and cached positions, so the prefill makes no host sync.
+        """
+        return data_on(self.model.module_inputs(inputs), self.device, self.dtype)
 
     def _configs(self) -> list[Any]:
         found: dict[int, Any] = {}
