@@ -17,7 +17,6 @@ from jaxtyping import Float
 from nnsight_av.batching import as_list
 from nnsight_av.errors import InputError, TokenSelectionError
 
-from interventions.run import batch_data
 from interventions.runtime.hooks import applied
 
 from .ablation import ablation_intervention
@@ -180,7 +179,7 @@ def option_probs(
         chunk = [on_device(model, item) for item in items[start:start + batch_size]]
         with torch.no_grad(), last_logits_only(model, [len(item) - 1 for item in chunk]), \
                 applied(model, chunk, [ablation_intervention(item) for item in chunk]):
-            logits = model.raw()(**batch_data(model, chunk), use_cache=False).logits
+            logits = model.raw()(**model.module_inputs(list(chunk)), use_cache=False).logits
         rows += [letter_probs(logits[k, -1], ids).cpu() for k in range(len(chunk))]
         bar.update(len(chunk))
     bar.close()

@@ -45,7 +45,6 @@ from interventions.runtime.hooks import applied, gradients_from, observed
 from interventions.runtime.kv_cache import (KVRecorder, LayerRecord, PrefixKV, ScatterKV, cache_in_layers,
                                             recording, resume)
 from interventions.site import ALIASES, Site, canonical_role
-from nnsight_av.batching import collate_right
 from nnsight_av.errors import InputError
 
 from .ablation import ablation_intervention
@@ -172,7 +171,7 @@ class PatchRunner:
         item = on_device(self.model, item)
         with last_logits_only(self.model, [len(item) - 1]), (self.extra(item) if extra else nullcontext()), \
                 self._ablation(item):
-            logits = self.model.raw()(**item.data, use_cache=False).logits
+            logits = self.model.raw()(**self.model.module_inputs(item), use_cache=False).logits
         return logits[0, -1]
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -326,7 +325,7 @@ class PatchRunner:
         logits ``[B, vocab]``."""
         items = [on_device(self.model, it) for it in items]
         with last_logits_only(self.model, [len(it) - 1 for it in items]):
-            logits = self.model.raw()(**collate_right(self.model, items), use_cache=False).logits
+            logits = self.model.raw()(**self.model.module_inputs(items), use_cache=False).logits
         return logits[:, -1]
 
     # -- patched continuation -------------------------------------------------------------

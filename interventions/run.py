@@ -91,9 +91,8 @@ def run(model: "AVModel", inputs: AVInputs | Sequence[AVInputs], interventions: 
     per_sets = _per_input_sets(sets, len(items))
     if runtime == "hooks":
         decoder = Decoder(model)
-        data = collate_right(model, items)
         with torch.set_grad_enabled(grad), applied(model, items, plan, sets=per_sets):
-            out = decoder.module(**decoder.data(batch_data(model, items)), **trace_kwargs).logits
+            out = decoder.module(**decoder.data(list(items)), **trace_kwargs).logits
         logits = [out[i:i + 1, :len(ex)] for i, ex in enumerate(items)]
         return logits[0] if single else logits
     with torch.set_grad_enabled(grad), model.trace(**trace_kwargs) as tracer:

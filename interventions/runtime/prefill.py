@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import nnsight
 import torch
 
-from nnsight_av.batching import collate_right
 
 from ..attention_math import attention_lse, attention_with_lse
 from .decoder import Decoder, StopForward
@@ -146,7 +145,7 @@ def _run_prefill_hooked(model: "AVModel", batch: Sequence["AVInputs"], residual_
     handles = [decoder.layers[l].register_forward_pre_hook(residual(l), with_kwargs=True) for l in residual_layers]
     try:
         with torch.no_grad(), decoder.hooked(Reader(decoder.attention)):
-            decoder.module(**decoder.data(collate_right(model, batch)), use_cache=False)
+            decoder.module(**decoder.data(list(batch)), use_cache=False)
     except StopForward:
         pass
     finally:
