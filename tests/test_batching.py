@@ -16,7 +16,10 @@ from analyses.patching import PatchRunner
 from analyses.runner import PipelineConfig, analyze_batch, analyze_clip, analyze_clips, clips_per_batch
 from nnsight_av.errors import InputError
 
-from test_tracing import one_thread  # noqa: F401 - autouse: one intra-op thread on the shared CPU
+#: Tiny models run ~10x faster on one intra-op thread when the CPU is shared (conftest `one_thread`).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 
 SETTINGS = dict(token_sets=("all", "sink", "random"), window=2)
 SECONDS = (2.0, 4.0, 3.0, 2.0)             # different lengths; two of one length

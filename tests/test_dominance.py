@@ -17,13 +17,8 @@ from nnsight_av.inputs import MediaRequest
 from test_tracing import OPTIONS, sharpen
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~10x faster on one intra-op thread when the CPU is shared; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+#: Tiny models run ~10x faster on one intra-op thread when the CPU is shared (conftest `one_thread`).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

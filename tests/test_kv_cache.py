@@ -22,7 +22,10 @@ from interventions.runtime.hooks import applied, gradients_from, observed
 from interventions.runtime.kv_cache import PrefixKV, ScatterKV, recording, resume
 from nnsight_av.errors import InputError
 
-from test_tracing import one_thread  # noqa: F401  (autouse: one intra-op thread for tiny models)
+#: Tiny models run ~10x faster on one intra-op thread when the CPU is shared (conftest `one_thread`).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 
 
 def full_hidden(model, ex, iv=None):

@@ -34,11 +34,8 @@ SETTINGS = dict(sink_dims=[0, 1], tau=2.0, token_sets=("all", "sink"))
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def report_figures(one_thread):
     yield
-    torch.set_num_threads(previous)
     print(f"\nrobustness: {FIGURES['bad_inputs']} bad inputs tried, {FIGURES['kills']} kills survived, "
           f"{FIGURES['records_lost']} records lost")
 

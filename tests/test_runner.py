@@ -19,13 +19,8 @@ from nnsight_av.errors import InputError, MediaError
 from test_tracing import sharpen
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~10x faster on one intra-op thread when the CPU is shared; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+#: Tiny models run ~10x faster on one intra-op thread when the CPU is shared (conftest `one_thread`).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = dict(sink_dims=[0, 1], tau=2.0, window=2, token_sets=("all", "sink", "random", "cross_modal_sink"))

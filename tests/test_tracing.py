@@ -18,13 +18,8 @@ from nnsight_av.errors import InputError, LayerIndexError, SpanError, TokenSelec
 OPTIONS = "ABCD"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~10x faster on one intra-op thread when the CPU is shared; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+#: Tiny models run ~10x faster on one intra-op thread when the CPU is shared (conftest `one_thread`).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sharpen(model, seed=0, std=0.2, head=1.0):
