@@ -67,8 +67,8 @@ def pipeline_token_bytes(model: "AVModel") -> int:
 
     Kept per clip while its batch runs: two corrupted runs (every layer's input and keys/values)
     and the clean run (keys/values, the patched site at every position); transient, while a
-    forward runs: a few hidden-size and MLP-size activations and the attention's float32 row
-    statistics.
+    forward runs (the two corrupted runs of a clip share one): a few hidden-size and MLP-size
+    activations and the attention's float32 row statistics.
 
     >>> import nnsight_av as nav
     >>> pipeline_token_bytes(nav.testing.tiny_model()) > 0
@@ -83,7 +83,7 @@ def pipeline_token_bytes(model: "AVModel") -> int:
     elem = model.raw("embed").weight.element_size()
     kv = 2 * kv_heads * head_dim
     kept = layers * (2 * (hidden + kv) + kv + hidden)              # corrupted x 2 (resid + kv), clean kv + site
-    transient = 6 * hidden + 3 * mlp + 2 * kv
+    transient = 2 * (6 * hidden + 3 * mlp + 2 * kv)                 # the two corrupted runs share one forward
     return elem * (kept + transient) + 4 * heads * 2
 
 

@@ -19,7 +19,8 @@ caches that make it possible live in `interventions.runtime.kv_cache`:
    first layer are batched, one `Patch` per batch row;
 4. at ``input_layernorm`` / ``resid_pre``, a window reaching the last layer does not compute
    the positions it overwrites at all (`PatchRunner._can_skip`; a `ScatterKV` serves the
-   clean keys/values for them).
+   clean keys/values for them); such conditions with the same first layer are batched too,
+   each row computing its own positions (`PatchRunner._skipping_batches` picks the batches).
 
 ``interventions=`` adds a user's interventions (e.g. head knockouts) to every clean,
 corrupted and patched forward: the runtime maps positions to rows through the KV cache, so
@@ -43,7 +44,7 @@ from interventions.cache import ActivationCache, layout_signature
 from interventions.primitives import Patch
 from interventions.runtime.hooks import applied, gradients_from, observed
 from interventions.runtime.kv_cache import (KVRecorder, LayerRecord, PrefixKV, ScatterKV, cache_in_layers,
-                                            recording, resume)
+                                            pad_rows, recording, resume)
 from interventions.site import ALIASES, Site, canonical_role
 from nnsight_av.errors import InputError
 
@@ -376,25 +377,60 @@ class PatchRunner:
                 and cond.layers == tuple(range(cond.start, self.num_layers))
                 and bool((cond.positions != corrupt.length - 1).any()))
 
-    def _run_skipping(self, clean: CleanRecord, corrupt: CorruptRecord, cond: Condition) -> torch.Tensor:
-        """One condition whose window reaches the last layer, computing only the positions it must.
+    def _skipping_rows(self, corrupt: CorruptRecord, cond: Condition) -> torch.Tensor:
+        """The positions a skipping run of ``cond`` computes: from its first patched one on, minus the
+        patched ones (the last position is always computed)."""
+        total, positions = corrupt.length, cond.positions
+        keep = torch.ones(total, dtype=torch.bool)
+        keep[: int(positions[0])] = False
+        keep[positions[positions != total - 1]] = False
+        return torch.nonzero(keep).flatten()
 
-        Computed: positions from the first patched one on, minus the patched ones (the last
-        position is always computed). Their keys/values come from this run, those of the
-        patched positions from the clean run, those of earlier positions from the corrupted run.
+    def _run_skipping(self, clean: CleanRecord, corrupt: CorruptRecord, batch: Sequence[Condition]) -> torch.Tensor:
+        """Conditions whose windows reach the last layer from the same first layer, computing only the
+        positions they must, one batch row each; ``[B, vocab]`` last-position logits.
+
+        Each row computes `_skipping_rows` (rows with fewer positions are padded, `pad_rows`).
+        The keys/values of its computed positions come from this run, those of its patched
+        positions from the clean run, those of earlier positions from the corrupted run.
         """
         total = corrupt.length
-        positions = cond.positions
-        p0 = int(positions[0])
-        keep = torch.ones(total, dtype=torch.bool)
-        keep[:p0] = False
-        keep[positions[positions != total - 1]] = False
-        base = corrupt.resid[cond.start]
-        rows = torch.nonzero(keep).flatten().to(base.device)
-        cache = ScatterKV(clean.keys, clean.kv_values, corrupt.keys, corrupt.values, p0, rows)
-        with self._patching(clean, corrupt, [cond]):
-            hidden = resume(self.layers, corrupt, cond.start, base[:, rows], cache, attn_impl=self.attn_impl, rows=rows)
-        return self._logits(hidden)
+        base = corrupt.resid[batch[0].start]
+        found = [self._skipping_rows(corrupt, cond).to(base.device) for cond in batch]
+        rows = pad_rows(found, total)
+        cache = ScatterKV(clean.keys, clean.kv_values, corrupt.keys, corrupt.values,
+                          [int(c.positions[0]) for c in batch], rows)
+        with self._patching(clean, corrupt, batch):
+            hidden = resume(self.layers, corrupt, batch[0].start, base[0][rows.clamp(max=total - 1)], cache,
+                            attn_impl=self.attn_impl, rows=rows)
+        last = torch.tensor([len(r) - 1 for r in found], device=hidden.device)     # each row's last position
+        return self._logits(hidden[torch.arange(len(batch), device=hidden.device), last][:, None])
+
+    def _skipping_batches(self, corrupt: CorruptRecord, conditions: Sequence[Condition], todo: Sequence[int],
+                          batch_size: int) -> list[list[int]]:
+        """``todo`` (indices of skippable conditions) in batches of at most ``batch_size`` with the same first layer.
+
+        A batch costs its rows padded to its widest row, plus a fixed cost per forward (the host's
+        work, a few dozen ms: here half a sequence of rows); by first layer, the conditions sorted
+        by width are cut where that total is least (a small dynamic programme).
+        """
+        width = {i: int(self._skipping_rows(corrupt, conditions[i]).numel()) for i in todo}
+        fixed = corrupt.length / 2
+        batches: list[list[int]] = []
+        for start in sorted({conditions[i].start for i in todo}):
+            items = sorted((i for i in todo if conditions[i].start == start), key=lambda i: -width[i])
+            best, cut = [0.0] + [float("inf")] * len(items), [0] * (len(items) + 1)
+            for end in range(1, len(items) + 1):
+                for begin in range(max(0, end - batch_size), end):
+                    cost = best[begin] + (end - begin) * width[items[begin]] + fixed
+                    if cost < best[end]:
+                        best[end], cut[end] = cost, begin
+            end, found = len(items), []
+            while end:
+                found.append(items[cut[end]:end])
+                end = cut[end]
+            batches.extend(reversed(found))
+        return batches
 
     def run(self, clean: CleanRecord, corrupt: CorruptRecord, conditions: Sequence[Condition], *,
             batch_size: int = 4, progress: bool = False) -> Float[torch.Tensor, "conditions options"]:
@@ -408,8 +444,8 @@ class PatchRunner:
         for i, c in enumerate(conditions):
             if not c.positions.numel():
                 out[i] = corrupt.probs            # nothing patched: the corrupted run itself
-        alone = [i for i in todo if self._skippable(clean, corrupt, conditions[i])]
-        todo = [i for i in todo if i not in set(alone)]
+        skipping = [i for i in todo if self._skippable(clean, corrupt, conditions[i])]
+        todo = [i for i in todo if i not in set(skipping)]
         todo.sort(key=lambda i: (conditions[i].start, int(conditions[i].positions[0])))
         batches: list[list[int]] = []
         for i in todo:
@@ -417,16 +453,15 @@ class PatchRunner:
                 batches[-1].append(i)
             else:
                 batches.append([i])
-        bar = tqdm(total=len(todo) + len(alone), desc="patched runs", leave=False,
-                   disable=not progress or len(todo) + len(alone) < 2)
+        runs = [(self._run_skipping, batch) for batch in self._skipping_batches(corrupt, conditions, skipping,
+                                                                                 batch_size)]
+        runs += [(self._run_batch, batch) for batch in batches]
+        bar = tqdm(total=len(todo) + len(skipping), desc="patched runs", leave=False,
+                   disable=not progress or len(todo) + len(skipping) < 2)
         try:
             with torch.no_grad():
-                for i in alone:
-                    out[i] = self.probs(self._run_skipping(clean, corrupt, conditions[i]))[0]
-                    bar.update(1)
-                for batch in batches:
-                    logits = self._run_batch(clean, corrupt, [conditions[i] for i in batch])
-                    probs = self.probs(logits)
+                for method, batch in runs:
+                    probs = self.probs(method(clean, corrupt, [conditions[i] for i in batch]))
                     for row, i in enumerate(batch):
                         out[i] = probs[row]
                     bar.update(len(batch))

@@ -140,7 +140,7 @@ def test_a_failing_batch_runs_its_clips_one_by_one(toy, monkeypatch):
     real = PatchRunner.record_corrupt_batch
 
     def fails_batched(self, items, starts=None):
-        if len(items) > 1:
+        if len(items) > 2:              # more than one clip's two corrupted runs
             raise torch.cuda.OutOfMemoryError("simulated: the batch does not fit")
         return real(self, items, starts)
 

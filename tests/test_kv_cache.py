@@ -19,7 +19,7 @@ from analyses import ablate, blank_modality, clip_dominance, encoder_edit, optio
 from analyses.options import letter_probs
 from interventions.modality import blank_inputs, zero_modalities
 from interventions.runtime.hooks import applied, gradients_from, observed
-from interventions.runtime.kv_cache import PrefixKV, ScatterKV, recording, resume
+from interventions.runtime.kv_cache import PrefixKV, ScatterKV, pad_rows, recording, resume
 from nnsight_av.errors import InputError
 
 #: Tiny models run ~10x faster on one intra-op thread when the CPU is shared (conftest `one_thread`).
@@ -62,6 +62,19 @@ def test_resumed_runs_equal_the_full_forward(model_type):
             cache = ScatterKV(record.keys, record.values, record.keys, record.values, int(rows[0]), rows)
             hidden = resume(layers, record, start, record.resid[start][:, rows], cache, attn_impl=impl, rows=rows)
             torch.testing.assert_close(hidden, full[:, rows], rtol=0, atol=1e-5)
+    # several batch rows, each computing its own positions (padded to the widest), each with its own
+    # copy of the intervention mapped to its rows
+    found = [rows, torch.tensor([int(ex.spans.video[2]), total - 3, total - 1]), torch.tensor([total - 1])]
+    padded = pad_rows(found, total)
+    for start in (0, 2):
+        cache = ScatterKV(record.keys, record.values, record.keys, record.values, [int(r[0]) for r in found], padded)
+        with torch.no_grad(), applied(model, [ex] * 3, [iv] * 3):
+            hidden = resume(layers, record, start, record.resid[start][0][padded.clamp(max=total - 1)], cache,
+                            attn_impl=impl, rows=padded)
+        for b, r in enumerate(found):
+            torch.testing.assert_close(hidden[b, : len(r)], full[0, r], rtol=0, atol=1e-5)
+    with pytest.raises(InputError, match="one per batch row"), torch.no_grad(), applied(model, ex, iv):
+        resume(layers, record, 0, record.resid[0][0][padded.clamp(max=total - 1)], cache, attn_impl=impl, rows=padded)
     assert not torch.allclose(full, full_hidden(model, ex), atol=1e-4)   # the edit did something
     with pytest.raises(InputError, match="either p0"):
         resume(layers, record, 0, record.resid[0], None, attn_impl=impl)

@@ -187,16 +187,40 @@ def test_skipping_overwritten_positions_is_exact(sharp, pair, monkeypatch):
     clean, corrupt = pair
     calls = []
     real = PatchRunner._run_skipping
-    monkeypatch.setattr(PatchRunner, "_run_skipping", lambda self, *a: (calls.append(a[-1].window), real(self, *a))[1])
+    monkeypatch.setattr(PatchRunner, "_run_skipping",
+                        lambda self, *a: (calls.append([c.window for c in a[-1]]), real(self, *a))[1])
     audio = clean.spans.audio
-    sets = {"all": audio, "with_last": torch.cat([audio[::20], torch.tensor([len(clean) - 1])])}
+    # sets of different sizes (rows of different widths in one batch), one patching the last position
+    sets = {"all": audio, "with_last": torch.cat([audio[::20], torch.tensor([len(clean) - 1])]),
+            "late": audio[-7:], "video": clean.spans.video[::3]}
+    cols = ["ie_clean", "ie_corrupt"]
     for site in ("input_layernorm",):      # resid_pre's skipping run is in test_fast_sweep_equals_plain_loop
         kw = dict(token_sets=sets, site=site, layers=[1, 2], window=2, progress=False)
-        fast = causal_trace(sharp, clean, corrupt, OPTIONS, **kw)
-        assert calls == ["2-3", "2-3"]                                      # the windows reaching the last layer
+        fast = causal_trace(sharp, clean, corrupt, OPTIONS, batch_size=4, **kw)
+        assert sorted(w for batch in calls for w in batch) == ["2-3"] * 4     # the windows reaching the last layer
+        assert max(len(batch) for batch in calls) > 1                          # some ran together
+        calls.clear()
+        alone = causal_trace(sharp, clean, corrupt, OPTIONS, batch_size=1, **kw)
+        assert [len(batch) for batch in calls] == [1] * 4
         full = causal_trace(sharp, clean, corrupt, OPTIONS, skip_overwritten=False, **kw)
-        diff = (fast.effects[["ie_clean", "ie_corrupt"]] - full.effects[["ie_clean", "ie_corrupt"]]).abs().max().max()
+        diff = (fast.effects[cols] - full.effects[cols]).abs().max().max()
         assert diff < 1e-5 and full.effects.ie_clean.abs().max() > 1e-2
+        assert float((alone.effects[cols] - full.effects[cols]).abs().max().max()) < 1e-5
+
+
+def test_skipping_batches_cut_where_padding_and_forwards_cost_least(sharp, pair):
+    clean, corrupt = pair
+    runner = PatchRunner(sharp, "input_layernorm", OPTIONS)
+    record = runner.record_corrupt(corrupt, [0, 2])
+    total, layers = len(corrupt), tuple(range(2, sharp.num_layers))
+    wide = [Condition(str(k), torch.tensor([5 + k]), layers) for k in range(3)]            # ~total rows each
+    narrow = [Condition("n", torch.arange(5, total - 1), layers)]                          # one row
+    other_start = [Condition("o", torch.tensor([5]), tuple(range(0, sharp.num_layers)))]
+    conds = wide + narrow + other_start
+    batches = runner._skipping_batches(record, conds, range(len(conds)), batch_size=4)
+    assert sorted(map(sorted, batches)) == [[0, 1, 2], [3], [4]]   # the one-row condition is not padded to ~total
+    pairs = runner._skipping_batches(record, conds, range(len(conds)), batch_size=2)
+    assert max(map(len, pairs)) == 2 and [3] in pairs and sorted(i for b in pairs for i in b) == list(range(5))
 
 
 def test_clean_record_riding_on_the_sink_prefill(sharp, pair):

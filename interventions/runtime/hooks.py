@@ -80,6 +80,13 @@ class HookExecutor(AttentionHook):
         past = past_length(kwargs, layer)
         stamp = (id(self), next(self.visits))          # one visit of this layer, the same for every row
         query = query_positions(kwargs)
+        if isinstance(query, list):               # scattered positions, one set per batch row
+            if len(query) != len(self.rows):
+                raise InputError(f"a forward of {len(query)} batch rows with their own positions ran with "
+                                 f"interventions set up for {len(self.rows)} rows; set up one per batch row")
+            for (ctx, _), positions in zip(self.rows, query):
+                ctx.enter_layer(layer, past, hidden.shape[1], stamp, positions)
+            return
         for ctx, _ in self.rows:
             ctx.enter_layer(layer, past, hidden.shape[1], stamp, query)
 

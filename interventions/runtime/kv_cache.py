@@ -28,7 +28,7 @@ import torch
 
 from nnsight_av.errors import InputError
 
-__all__ = ["KVRecorder", "PrefixKV", "ScatterKV", "LayerRecord", "LayerRecorder", "recording", "cache_in_layers",
+__all__ = ["KVRecorder", "PrefixKV", "ScatterKV", "pad_rows", "LayerRecord", "LayerRecorder", "recording", "cache_in_layers",
            "resume", "query_positions", "first_output", "removing"]
 
 
@@ -71,27 +71,44 @@ class PrefixKV:
 
 
 class ScatterKV:
-    """Keys/values of a forward that computes only the query positions ``rows`` (all ``>= p0``).
+    """Keys/values of a forward that computes only some query positions (all ``>= p0``) of each batch row.
 
-    Positions before ``p0`` take ``prefix_keys`` / ``prefix_values``, the other positions not
-    computed take ``fill_keys`` / ``fill_values`` (full-length tables), and ``rows`` the ones
-    computed in this call. `query_positions` tells the hook runtime which position each row is.
+    ``rows``: the positions computed, sorted: a 1-D tensor (a batch of one), or ``[B, n]`` with
+    one row per batch row, a row with fewer positions padded at its end with the sentinel
+    ``T`` (the sequence length; `pad_rows` builds it). Positions before ``p0`` (an int, or one
+    per batch row) take ``prefix_keys`` / ``prefix_values``, the other positions not computed
+    take ``fill_keys`` / ``fill_values`` (full-length tables ``[1, kv, T, d]``), and the computed
+    ones this call's keys/values. Padded rows write theirs to one extra slot ``T`` that only
+    they attend to (`resume`'s mask), so a batch of conditions of different sizes runs in one
+    forward. `query_positions` tells the hook runtime which position each row is.
     """
 
     def __init__(self, fill_keys: Mapping[Any, torch.Tensor], fill_values: Mapping[Any, torch.Tensor],
-                 prefix_keys: Mapping[Any, torch.Tensor], prefix_values: Mapping[Any, torch.Tensor], p0: int,
-                 rows: torch.Tensor) -> None:
+                 prefix_keys: Mapping[Any, torch.Tensor], prefix_values: Mapping[Any, torch.Tensor],
+                 p0: int | Sequence[int], rows: torch.Tensor) -> None:
         self.fill_keys, self.fill_values = fill_keys, fill_values
         self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
-        self.p0, self.rows = p0, rows
-        self.query_positions = rows.cpu()
+        self.rows = rows if rows.dim() == 2 else rows[None]
+        batch = self.rows.shape[0]
+        self.p0s = [int(p0)] * batch if isinstance(p0, int) else [int(p) for p in p0]
+        if len(self.p0s) != batch:
+            raise InputError(f"ScatterKV got {len(self.p0s)} p0 values for {batch} batch rows")
+        self.p0 = min(self.p0s)
+        length = int(next(iter(fill_keys.values())).shape[2])
+        self.padded = bool((self.rows == length).any())
+        positions = [r[r < length].cpu() for r in self.rows]
+        # a batch of one keeps the plain tensor (what `ApplyContext` maps rows with); several: one per row
+        self.query_positions = positions[0] if rows.dim() == 1 else positions
+        self._before = (torch.arange(length, device=self.rows.device)[None, :]
+                        < torch.tensor(self.p0s, device=self.rows.device)[:, None])[:, None, :, None]
 
     def _fill(self, fill: torch.Tensor, prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        full = fill.clone()
-        if self.p0:
-            full[:, :, : self.p0] = prefix[:, :, : self.p0]
-        full[:, :, self.rows] = new
-        return full
+        batch, heads, _, dim = new.shape
+        length = fill.shape[2]
+        full = torch.where(self._before, prefix[:, :, :length], fill)        # a new [B, kv, T, d] tensor
+        if self.padded:        # the padded rows' slot: written by them, read by no real row
+            full = torch.cat([full, full.new_zeros(batch, heads, 1, dim)], dim=2)
+        return full.scatter_(2, self.rows[:, None, :, None].expand(-1, heads, -1, dim), new)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: Any, *args: Any, **kwargs: Any):
         keys = self._fill(self.fill_keys[layer_idx], self.prefix_keys[layer_idx], key_states)
@@ -102,8 +119,23 @@ class ScatterKV:
         return self.p0
 
 
-def query_positions(kwargs: Mapping[str, Any]) -> torch.Tensor | None:
-    """The positions of a decoder layer call's rows when they are scattered (a `ScatterKV` call), else None."""
+def pad_rows(rows: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """Per-row sorted positions as one ``[B, n]`` tensor, shorter rows padded with ``length`` (`ScatterKV`'s sentinel).
+
+    >>> pad_rows([torch.tensor([3, 5]), torch.tensor([4])], 6)
+    tensor([[3, 5],
+            [4, 6]])
+    """
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), length, dtype=torch.long, device=rows[0].device)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = r
+    return out
+
+
+def query_positions(kwargs: Mapping[str, Any]) -> torch.Tensor | list[torch.Tensor] | None:
+    """The positions of a decoder layer call's rows when they are scattered (a `ScatterKV` call), else None:
+    a tensor for a batch of one, a list of one tensor per batch row (without padding) for several."""
     return getattr(kwargs.get("past_key_values"), "query_positions", None)
 
 
@@ -226,14 +258,38 @@ def _suffix_mask(recorded: Any, length: int, p0: int, attn_impl: str, like: torc
 
 
 def _rows_mask(recorded: Any, length: int, rows: torch.Tensor, attn_impl: str, like: torch.Tensor) -> Any:
-    """The causal attention mask of the query positions ``rows`` over keys ``0..length-1``."""
+    """The causal attention mask ``[B, 1, n, keys]`` of the query positions ``rows`` (``[B, n]``, `ScatterKV`'s).
+
+    Keys are ``0..length-1``, plus the padded rows' slot ``length`` when some row is padded:
+    a real row never sees it, a padded row sees it (so its softmax has a key).
+    """
+    padded = bool((rows == length).any())
     if torch.is_tensor(recorded) and recorded.dim() == 4:
-        return recorded.index_select(2, rows)
-    allowed = torch.arange(length, device=rows.device)[None, :] <= rows[:, None]
+        batch, n = rows.shape
+        picked = recorded[:1].index_select(2, rows.clamp(max=length - 1).flatten())      # [1, h, B*n, T]
+        mask = picked.unflatten(2, (batch, n)).squeeze(0).transpose(0, 1)               # [B, h, n, T]
+        if not padded:
+            return mask
+        pad = (rows == length)[:, None, :, None]
+        extra = pad if mask.dtype == torch.bool else \
+            torch.zeros(pad.shape, dtype=mask.dtype, device=mask.device).masked_fill(~pad, torch.finfo(mask.dtype).min)
+        return torch.cat([mask, extra.expand(-1, mask.shape[1], -1, -1)], dim=-1)
+    keys = length + 1 if padded else length
+    allowed = torch.arange(keys, device=rows.device)[None, None, :] <= rows[:, :, None]
     if attn_impl == "sdpa":
-        return allowed[None, None]
+        return allowed[:, None]
     return torch.zeros(allowed.shape, dtype=like.dtype, device=rows.device).masked_fill(
-        ~allowed, torch.finfo(like.dtype).min)[None, None]
+        ~allowed, torch.finfo(like.dtype).min)[:, None]
+
+
+def _take_rows(value: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``value``'s entries at ``index`` (``[B, n]``) along ``dim``, its batch axis of one (the axis before ``dim``)
+    becoming ``B``; a value without a batch axis (``dim`` 0) takes the first row's positions."""
+    dim = dim % value.dim()
+    if dim == 0:                                      # no batch axis (e.g. cache_position)
+        return value.index_select(0, index[0])
+    picked = value.index_select(dim, index.flatten()).unflatten(dim, tuple(index.shape))
+    return picked.squeeze(dim - 1) if dim > 0 and value.shape[dim - 1] == 1 else picked.flatten(dim - 1, dim)
 
 
 def _cut_kwargs(recorded: Mapping[str, Any], length: int, take: Callable[[torch.Tensor, int], torch.Tensor],
@@ -262,14 +318,19 @@ def resume(layers: Sequence[torch.nn.Module], record: Any, start: int, hidden: t
 
     ``record``: a `LayerRecord` (or anything with its ``length``, ``kwargs`` and ``deltas``).
     ``hidden``: the input of layer ``start`` at the computed positions, ``[B, n, hidden]``:
-    either the suffix ``p0..T-1`` (pass ``p0``; ``cache`` a `PrefixKV`) or the sorted
-    positions ``rows`` on the hidden states' device (``cache`` a `ScatterKV`). Forward hooks
-    on the layers run as in a full forward. Returns the last layer's output at those positions.
+    either the suffix ``p0..T-1`` (pass ``p0``; ``cache`` a `PrefixKV`) or scattered positions
+    ``rows`` on the hidden states' device (``cache`` a `ScatterKV` with the same ``rows``): a
+    1-D sorted tensor, or ``[B, n]`` with one row of positions per batch row (padded with ``T``,
+    `pad_rows`; the padded rows' outputs are meaningless). Forward hooks on the layers run as
+    in a full forward. Returns the last layer's output at those positions.
     """
     if (p0 is None) == (rows is None):
         raise InputError("resume needs either p0 (a contiguous suffix) or rows (scattered positions)")
     length = record.length
     stop = len(layers) if stop is None else stop
+    if rows is not None:
+        rows = rows if rows.dim() == 2 else rows[None]
+        index = rows.clamp(max=length - 1)            # padded rows read the last position's inputs
     shared_mask = None
     for layer in range(start, stop):
         recorded = record.kwargs[layer]
@@ -284,9 +345,9 @@ def resume(layers: Sequence[torch.nn.Module], record: Any, start: int, hidden: t
                 mask = shared_mask
             else:
                 mask = _rows_mask(mask, length, rows, attn_impl, hidden)
-            kw = _cut_kwargs(recorded, length, lambda v, dim: v.index_select(dim, rows), mask, cache)
+            kw = _cut_kwargs(recorded, length, lambda v, dim: _take_rows(v, dim, index), mask, cache)
         hidden = first_output(layers[layer](hidden, **kw))
         delta = record.deltas[layer]
         if delta is not None:
-            hidden = hidden + (delta[:, p0:] if rows is None else delta[:, rows])
+            hidden = hidden + (delta[:, p0:] if rows is None else _take_rows(delta, -2, index))
     return hidden
