@@ -304,8 +304,11 @@ def main() -> None:
             lambda: pipeline_sinks(model, ex, config), ex, media, range(model.num_layers)))
         parts["corrupt_runs_x2"], rec = timed(lambda: (runner.record_corrupt(no_video, [0]),
                                                       runner.record_corrupt(no_audio, [0]))[1])
+        parts["corrupt_runs_x2_one_forward"], _ = timed(lambda: runner.record_corrupt_batch([no_video, no_audio], [0]))
         conds = [Condition(k, v, tuple(range(model.num_layers))) for k, v in sets.items()]
         parts["patched_runs_x6"], _ = timed(lambda: runner.run(clean_rec, rec, conds, batch_size=best))
+        parts["patched_runs_x6_one_by_one"], _ = timed(lambda: runner.run(clean_rec, rec, conds, batch_size=1))
+        parts["patched_batches"] = [len(b) for b in runner._skipping_batches(rec, conds, range(len(conds)), best)]
         parts["one_forward"], _ = timed(lambda: runner.corrupt_probs(no_audio))
         run["pipeline_breakdown_ms"] = parts
         gen = lambda: eager._module.generate(**ex.data, max_new_tokens=args.new_tokens,  # noqa: E731
