@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import torch
 from jaxtyping import Float
 
-from nnsight_av.batching import as_list
+from nnsight_av.batching import as_list, to_device
 from nnsight_av.errors import InputError, TokenSelectionError
 
 from interventions.runtime.hooks import applied
@@ -133,7 +133,7 @@ def last_logits_only(model: "AVModel", last: Sequence[int]) -> Iterator[None]:
     def pre(module: torch.nn.Module, args: tuple) -> tuple:
         hidden = args[0]
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        picked = hidden[rows, index.to(hidden.device)[: hidden.shape[0]]]
+        picked = hidden[rows, to_device(index, hidden.device)[: hidden.shape[0]]]
         return (picked[:, None],) + tuple(args[1:])
 
     handle = head.register_forward_pre_hook(pre)

@@ -46,6 +46,7 @@ from interventions.runtime.hooks import applied, gradients_from, observed
 from interventions.runtime.kv_cache import (KVRecorder, LayerRecord, PrefixKV, ScatterKV, cache_in_layers,
                                             pad_rows, recording, resume)
 from interventions.site import ALIASES, Site, canonical_role
+from nnsight_av.batching import to_device
 from nnsight_av.errors import InputError
 
 from .ablation import ablation_intervention
@@ -198,7 +199,7 @@ class PatchRunner:
         values: dict[int, torch.Tensor] = {}
 
         def keep(layer: int, t: torch.Tensor) -> None:
-            values[layer] = t[0, positions.to(t.device)].detach().clone()
+            values[layer] = t[0, to_device(positions, t.device)].detach().clone()
         recorder = KVRecorder() if (self._can_skip() if kv is None else kv) else None
         with torch.no_grad(), self._observe(layers, keep), \
                 (cache_in_layers(self.layers, recorder) if recorder is not None else nullcontext()):
@@ -241,7 +242,7 @@ class PatchRunner:
         def keep(layer: int, t: torch.Tensor) -> None:
             if t.shape[0] == batch and t.shape[1] == total:
                 for row, pos in enumerate(positions):
-                    values[row][layer] = t[row, pos.to(t.device)].detach().clone()
+                    values[row][layer] = t[row, to_device(pos, t.device)].detach().clone()
         with self._observe(layers, keep), recording(self.layers, starts=[last]) as recorder:
             result = during()
         seen = recorder.resid.get(last)
@@ -341,7 +342,7 @@ class PatchRunner:
         acts = {}
         for layer, values in clean.values.items():
             table = values.new_zeros((corrupt.length, *values.shape[1:]))
-            table[clean.positions.to(values.device)] = values
+            table[to_device(clean.positions, values.device)] = values
             acts[site.key(layer)] = table
         source = ActivationCache(acts, layout_signature(corrupt.item), name="clean")
         self._memo = (clean, corrupt, source)
@@ -396,14 +397,14 @@ class PatchRunner:
         """
         total = corrupt.length
         base = corrupt.resid[batch[0].start]
-        found = [self._skipping_rows(corrupt, cond).to(base.device) for cond in batch]
-        rows = pad_rows(found, total)
+        found = [self._skipping_rows(corrupt, cond) for cond in batch]
+        rows = pad_rows(found, total)                                          # on the host: no waiting
         cache = ScatterKV(clean.keys, clean.kv_values, corrupt.keys, corrupt.values,
                           [int(c.positions[0]) for c in batch], rows)
         with self._patching(clean, corrupt, batch):
-            hidden = resume(self.layers, corrupt, batch[0].start, base[0][rows.clamp(max=total - 1)], cache,
+            hidden = resume(self.layers, corrupt, batch[0].start, base[0][cache.rows.clamp(max=total - 1)], cache,
                             attn_impl=self.attn_impl, rows=rows)
-        last = torch.tensor([len(r) - 1 for r in found], device=hidden.device)     # each row's last position
+        last = to_device(torch.tensor([len(r) - 1 for r in found]), hidden.device)    # each row's last position
         return self._logits(hidden[torch.arange(len(batch), device=hidden.device), last][:, None])
 
     def _skipping_batches(self, corrupt: CorruptRecord, conditions: Sequence[Condition], todo: Sequence[int],

@@ -156,6 +156,32 @@ def authors_pipeline(model, clean, no_audio, no_video, dims, tau, k_divide, new_
     return {"probs": probs, "patched": effects}
 
 
+def pipeline_stages(model, record, config) -> dict:
+    """ms of each step of `analyze_clip`, run one after the other (the ablated inputs not on a thread)."""
+    from analyses.runner import _Clip, _clean_stage, _corrupt_stage, _finish, ablated_inputs, clean_input
+
+    times, clock = {}, [time.perf_counter()]
+
+    def mark(name: str) -> None:
+        sync()
+        now = time.perf_counter()
+        times[name] = (now - clock[0]) * 1000
+        clock[0] = now
+    clean = clean_input(model, record)
+    mark("prepare_clean")
+    clip = _Clip(record, clean)
+    clip.only_audio, clip.only_video = ablated_inputs(model, clean, config)
+    mark("prepare_ablated")
+    _clean_stage(model, [clip], config)
+    mark("clean_stage")
+    _corrupt_stage(model, [clip], config)
+    mark("corrupt_stage")
+    _finish(model, clip, config)
+    mark("finish")
+    times["sum"] = sum(times.values())
+    return times
+
+
 def float32_check(args, ex, sets: dict) -> dict:
     """Exact vs naive on a float32 copy of the model (same seed, same letter head), two token sets.
 
@@ -266,7 +292,8 @@ def main() -> None:
 
         record = ClipRecord(id="bench", prompt=ex.request.text, options=OPTIONS, frames=ex.request.video,
                             wave=ex.request.audio, dominant="audio")
-        config = PipelineConfig(token_sets=TOKEN_SETS, sink_dims=dims, tau=tau, batch_size=best)
+        # the pipeline's patched runs are the 6 all-layer windows: batched whatever the sweep's best batch was
+        config = PipelineConfig(token_sets=TOKEN_SETS, sink_dims=dims, tau=tau, batch_size=max(args.batch_sizes))
 
         def ours():
             return analyze_clip(model, record, config)
@@ -311,6 +338,8 @@ def main() -> None:
         parts["patched_batches"] = [len(b) for b in runner._skipping_batches(rec, conds, range(len(conds)), best)]
         parts["one_forward"], _ = timed(lambda: runner.corrupt_probs(no_audio))
         run["pipeline_breakdown_ms"] = parts
+        stages = [pipeline_stages(model, record, config) for _ in range(args.repeat)]
+        run["pipeline_stages_ms"] = {k: float(np.median([s[k] for s in stages])) for k in stages[0]}
         gen = lambda: eager._module.generate(**ex.data, max_new_tokens=args.new_tokens,  # noqa: E731
                                              min_new_tokens=args.new_tokens, do_sample=False)
         with torch.no_grad():

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from nnsight_av.batching import to_device
 from nnsight_av.errors import InputError
 from nnsight_av.inputs import AVInputs
 from nnsight_av.spans import MODALITIES
@@ -173,7 +174,7 @@ class ApplyContext:
             return tensor
         key = (tag, id(tensor), device) if tag is None else (tag, device)
         if key not in self._device:
-            self._device[key] = (tensor, _to_device(tensor, device))
+            self._device[key] = (tensor, to_device(tensor, device))
         return self._device[key][1]
 
     def modality_ids(self, positions: torch.Tensor) -> torch.Tensor:
@@ -189,11 +190,3 @@ class ApplyContext:
         inside = positions < self.length
         ids[inside] = self._modality_table[positions[inside]]
         return ids
-
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        # Pinned + non_blocking: a small index copy must not wait for the queued kernels.
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)

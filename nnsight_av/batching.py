@@ -3,7 +3,8 @@
 The small steps every runtime and analysis takes before a forward: accept one `AVInputs` or a
 list (`as_list`), cut it into batches with a progress bar (`progress_batches`), collate a batch
 right-padded (`collate_right`), resolve a per-input position spec (`per_item`, `positions_of`)
-and check a layer list (`check_layers`).
+and check a layer list (`check_layers`); move a small host tensor to the device without
+waiting for the queued kernels (`to_device`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from .model import AVModel
 
 __all__ = ["as_list", "progress_batches", "pad_id", "collate_right", "batch_tensors", "check_positions",
-           "positions_of", "per_item", "check_layers"]
+           "positions_of", "per_item", "check_layers", "to_device"]
 
 
 def as_list(inputs: "AVInputs | Sequence[AVInputs]") -> tuple[list[AVInputs], bool]:
@@ -133,3 +134,21 @@ def check_layers(model: "AVModel", layers: Sequence[int] | None) -> list[int]:
     if layers is None:
         return list(range(model.num_layers))
     return [model.check_layer(l) for l in layers]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device``, without making the host wait for the kernels already queued.
+
+    A plain ``.to("cuda")`` of a pageable host tensor synchronises the stream first, so a small
+    index moved inside a forward (once per layer, say) would serialise the host and the GPU;
+    a pinned, non-blocking copy runs in stream order instead.
+
+    >>> to_device(torch.arange(3), "cpu")
+    tensor([0, 1, 2])
+    """
+    device = torch.device(device)
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

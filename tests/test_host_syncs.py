@@ -208,3 +208,50 @@ def test_gpu_trace_makes_no_synchronising_cuda_call(layout):
                   and "prototype feature" not in str(w.message)]
     assert not cuda_syncs and syncs.count == 0, (cuda_syncs[:3], syncs.summary())
     assert torch.equal(logits, expected)
+
+
+def _cuda_sync_calls(fn):
+    """The synchronising CUDA calls ``fn()`` makes (``torch.cuda.set_sync_debug_mode``'s warnings)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()
+            and "prototype feature" not in str(w.message)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: counts the synchronising CUDA calls")
+def test_gpu_patched_runs_sync_once_per_forward_not_per_layer():
+    """Causal tracing's clean record and batched skipping runs move their indices to the GPU without
+    waiting for it (a pageable copy per layer would serialise the host and the GPU): the only sync of
+    each forward is reading its letter probabilities."""
+    from analyses import ablate
+    from analyses.patching import PatchRunner
+    from analyses.token_sets import Condition
+
+    model = nav.testing.tiny_model(seed=0)
+    model._module.to("cuda")
+    clean = model.prepare(**LAYOUTS["audio_in_video"]).to("cuda")
+    corrupt = ablate(clean, "video", model).to("cuda")
+    runner = PatchRunner(model, "input_layernorm", list("AB"))
+    layers = tuple(range(model.num_layers))
+    audio = clean.spans.audio
+    conds = [Condition("all", audio, layers), Condition("half", audio[::2], layers)]
+    with torch.no_grad():
+        record = runner.record_corrupt(corrupt, [0])
+        runner.record_clean(clean, audio, layers)                          # warm-up
+        corrupt_syncs = _cuda_sync_calls(lambda: runner.record_corrupt(corrupt, [0]))
+        clean_syncs = _cuda_sync_calls(lambda: runner.record_clean(clean, audio, layers))
+        found = {}
+        run_syncs = _cuda_sync_calls(lambda: found.setdefault("probs", runner.run(
+            runner.record_clean(clean, audio, layers), record, conds, batch_size=2)))
+    assert len(clean_syncs) <= 1, clean_syncs                # the probabilities, not one per layer
+    assert len(corrupt_syncs) <= 1, corrupt_syncs
+    assert len(run_syncs) <= 3, run_syncs                    # clean record + one batched skipping forward
+    assert found["probs"].shape == (2, 2)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from nnsight_av.batching import to_device
 from nnsight_av.errors import InputError
 
 __all__ = ["KVRecorder", "PrefixKV", "ScatterKV", "pad_rows", "LayerRecord", "LayerRecorder", "recording", "cache_in_layers",
@@ -88,19 +89,20 @@ class ScatterKV:
                  p0: int | Sequence[int], rows: torch.Tensor) -> None:
         self.fill_keys, self.fill_values = fill_keys, fill_values
         self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
-        self.rows = rows if rows.dim() == 2 else rows[None]
-        batch = self.rows.shape[0]
+        table = next(iter(fill_keys.values()))
+        host = (rows if rows.dim() == 2 else rows[None]).cpu()   # pass host rows: on the GPU this waits for it
+        batch, length = host.shape[0], int(table.shape[2])
         self.p0s = [int(p0)] * batch if isinstance(p0, int) else [int(p) for p in p0]
         if len(self.p0s) != batch:
             raise InputError(f"ScatterKV got {len(self.p0s)} p0 values for {batch} batch rows")
         self.p0 = min(self.p0s)
-        length = int(next(iter(fill_keys.values())).shape[2])
-        self.padded = bool((self.rows == length).any())
-        positions = [r[r < length].cpu() for r in self.rows]
+        self.padded = bool((host == length).any())
+        positions = [r[r < length] for r in host]
         # a batch of one keeps the plain tensor (what `ApplyContext` maps rows with); several: one per row
         self.query_positions = positions[0] if rows.dim() == 1 else positions
-        self._before = (torch.arange(length, device=self.rows.device)[None, :]
-                        < torch.tensor(self.p0s, device=self.rows.device)[:, None])[:, None, :, None]
+        self.rows = to_device(host, table.device)
+        self._before = (torch.arange(length, device=table.device)[None, :]
+                        < to_device(torch.tensor(self.p0s), table.device)[:, None])[:, None, :, None]
 
     def _fill(self, fill: torch.Tensor, prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         batch, heads, _, dim = new.shape
@@ -257,13 +259,13 @@ def _suffix_mask(recorded: Any, length: int, p0: int, attn_impl: str, like: torc
     return mask.masked_fill(~allowed, torch.finfo(like.dtype).min)[None, None]
 
 
-def _rows_mask(recorded: Any, length: int, rows: torch.Tensor, attn_impl: str, like: torch.Tensor) -> Any:
+def _rows_mask(recorded: Any, length: int, rows: torch.Tensor, padded: bool, attn_impl: str,
+               like: torch.Tensor) -> Any:
     """The causal attention mask ``[B, 1, n, keys]`` of the query positions ``rows`` (``[B, n]``, `ScatterKV`'s).
 
-    Keys are ``0..length-1``, plus the padded rows' slot ``length`` when some row is padded:
+    Keys are ``0..length-1``, plus the padded rows' slot ``length`` when some row is ``padded``:
     a real row never sees it, a padded row sees it (so its softmax has a key).
     """
-    padded = bool((rows == length).any())
     if torch.is_tensor(recorded) and recorded.dim() == 4:
         batch, n = rows.shape
         picked = recorded[:1].index_select(2, rows.clamp(max=length - 1).flatten())      # [1, h, B*n, T]
@@ -319,9 +321,9 @@ def resume(layers: Sequence[torch.nn.Module], record: Any, start: int, hidden: t
     ``record``: a `LayerRecord` (or anything with its ``length``, ``kwargs`` and ``deltas``).
     ``hidden``: the input of layer ``start`` at the computed positions, ``[B, n, hidden]``:
     either the suffix ``p0..T-1`` (pass ``p0``; ``cache`` a `PrefixKV`) or scattered positions
-    ``rows`` on the hidden states' device (``cache`` a `ScatterKV` with the same ``rows``): a
-    1-D sorted tensor, or ``[B, n]`` with one row of positions per batch row (padded with ``T``,
-    `pad_rows`; the padded rows' outputs are meaningless). Forward hooks on the layers run as
+    ``rows`` (``cache`` a `ScatterKV` with the same ``rows``): a 1-D sorted tensor, or ``[B, n]``
+    with one row of positions per batch row (padded with ``T``, `pad_rows`; the padded rows'
+    outputs are meaningless), best on the host (on the GPU, reading them waits for it). Forward hooks on the layers run as
     in a full forward. Returns the last layer's output at those positions.
     """
     if (p0 is None) == (rows is None):
@@ -329,7 +331,9 @@ def resume(layers: Sequence[torch.nn.Module], record: Any, start: int, hidden: t
     length = record.length
     stop = len(layers) if stop is None else stop
     if rows is not None:
-        rows = rows if rows.dim() == 2 else rows[None]
+        host = (rows if rows.dim() == 2 else rows[None]).cpu()
+        padded = bool((host == length).any())
+        rows = to_device(host, hidden.device)
         index = rows.clamp(max=length - 1)            # padded rows read the last position's inputs
     shared_mask = None
     for layer in range(start, stop):
@@ -341,10 +345,11 @@ def resume(layers: Sequence[torch.nn.Module], record: Any, start: int, hidden: t
             mask = recorded.get("attention_mask")
             if not (torch.is_tensor(mask) and mask.dim() == 4):
                 # the same causal mask at every layer: build it once
-                shared_mask = _rows_mask(None, length, rows, attn_impl, hidden) if shared_mask is None else shared_mask
+                shared_mask = _rows_mask(None, length, rows, padded, attn_impl, hidden) if shared_mask is None \
+                    else shared_mask
                 mask = shared_mask
             else:
-                mask = _rows_mask(mask, length, rows, attn_impl, hidden)
+                mask = _rows_mask(mask, length, rows, padded, attn_impl, hidden)
             kw = _cut_kwargs(recorded, length, lambda v, dim: _take_rows(v, dim, index), mask, cache)
         hidden = first_output(layers[layer](hidden, **kw))
         delta = record.deltas[layer]
