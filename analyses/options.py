@@ -88,8 +88,11 @@ def letter_probs(logits: Float[torch.Tensor, "... vocab"], token_ids: Sequence[S
     True
     """
     probs = torch.softmax(logits.float(), dim=-1)
-    cols = [probs[..., list(ids)].amax(-1) for ids in token_ids]
-    return torch.stack(cols, dim=-1)
+    groups = [list(ids) for ids in token_ids]
+    # one index copied without waiting for the GPU (a list index per option would wait once per option)
+    index = to_device(torch.tensor([i for ids in groups for i in ids], dtype=torch.long), probs.device)
+    picked = probs.index_select(-1, index).split([len(ids) for ids in groups], dim=-1)
+    return torch.stack([chunk.amax(-1) for chunk in picked], dim=-1)
 
 
 def answers(probs: Float[torch.Tensor, "... options"], options: Any) -> list[str] | str:

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import av_input, full_size_model, parser, report  # noqa: E402
+from common import av_input, full_size_model, parser, report, top_kernels  # noqa: E402
 
 from analyses import ablate, causal_trace, option_token_ids, rank_agreement  # noqa: E402
 from analyses.datasets import ClipRecord  # noqa: E402
@@ -333,10 +333,16 @@ def main() -> None:
                                                       runner.record_corrupt(no_audio, [0]))[1])
         parts["corrupt_runs_x2_one_forward"], _ = timed(lambda: runner.record_corrupt_batch([no_video, no_audio], [0]))
         conds = [Condition(k, v, tuple(range(model.num_layers))) for k, v in sets.items()]
-        parts["patched_runs_x6"], _ = timed(lambda: runner.run(clean_rec, rec, conds, batch_size=best))
+        most = max(args.batch_sizes)
+        parts["patched_runs_x6"], _ = timed(lambda: runner.run(clean_rec, rec, conds, batch_size=most))
         parts["patched_runs_x6_one_by_one"], _ = timed(lambda: runner.run(clean_rec, rec, conds, batch_size=1))
-        parts["patched_batches"] = [len(b) for b in runner._skipping_batches(rec, conds, range(len(conds)), best)]
+        parts["patched_batches"] = [len(b) for b in runner._skipping_batches(rec, conds, range(len(conds)), most)]
+        parts["patched_rows"] = [int(runner._skipping_rows(rec, c).numel()) for c in conds]
         parts["one_forward"], _ = timed(lambda: runner.corrupt_probs(no_audio))
+        if cuda:   # where the GPU time of the batched patched runs goes, next to one plain forward
+            run["profile"] = {"patched_runs_x6_batched": top_kernels(lambda: runner.run(
+                clean_rec, rec, conds, batch_size=max(args.batch_sizes))),
+                "one_forward": top_kernels(lambda: runner.corrupt_probs(no_audio))}
         run["pipeline_breakdown_ms"] = parts
         stages = [pipeline_stages(model, record, config) for _ in range(args.repeat)]
         run["pipeline_stages_ms"] = {k: float(np.median([s[k] for s in stages])) for k in stages[0]}

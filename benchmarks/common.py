@@ -163,6 +163,33 @@ def gpu_busy(fn: Callable[[], Any], repeat: int = 3) -> dict[str, float] | None:
             "kernel_ms": float(np.median(kernels))}
 
 
+def top_kernels(fn: Callable[[], Any], top: int = 12) -> dict[str, Any] | None:
+    """One profiled call of ``fn``: wall ms, the summed kernel ms and the ``top`` kernels by total time."""
+    if not torch.cuda.is_available():
+        return None
+    import time
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) * 1000
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            entry = totals.setdefault(e.name[:90], [0.0, 0])
+            entry[0] += (e.time_range.end - e.time_range.start) / 1000
+            entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    return {"wall_ms": wall, "kernel_ms": sum(v[0] for v in totals.values()),
+            "kernels": sum(v[1] for v in totals.values()),
+            "top": [{"name": k, "ms": round(v[0], 3), "calls": v[1]} for k, v in ranked[:top]]}
+
+
 def cuda_syncs(fn: Callable[[], Any]) -> int | None:
     """How many synchronising CUDA calls one call of ``fn`` makes (``torch.cuda.set_sync_debug_mode``)."""
     if not torch.cuda.is_available():
