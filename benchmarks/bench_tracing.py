@@ -342,7 +342,9 @@ def main() -> None:
         if cuda:   # where the GPU time of the batched patched runs goes, next to one plain forward
             run["profile"] = {"patched_runs_x6_batched": top_kernels(lambda: runner.run(
                 clean_rec, rec, conds, batch_size=max(args.batch_sizes))),
-                "one_forward": top_kernels(lambda: runner.corrupt_probs(no_audio))}
+                "one_forward": top_kernels(lambda: runner.corrupt_probs(no_audio)),
+                "sweep_batch_at_layer_0": top_kernels(lambda: runner._run_batch(
+                    clean_rec, rec, [Condition(k, v, (0,)) for k, v in sets.items()]))}
         run["pipeline_breakdown_ms"] = parts
         stages = [pipeline_stages(model, record, config) for _ in range(args.repeat)]
         run["pipeline_stages_ms"] = {k: float(np.median([s[k] for s in stages])) for k in stages[0]}
