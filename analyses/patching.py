@@ -459,13 +459,21 @@ class PatchRunner:
         runs += [(self._run_batch, batch) for batch in batches]
         bar = tqdm(total=len(todo) + len(skipping), desc="patched runs", leave=False,
                    disable=not progress or len(todo) + len(skipping) < 2)
+        pending: tuple[list[int], torch.Tensor] | None = None
+
+        def collect() -> None:
+            # read one batch behind: the next batch is queued before the host waits for this one,
+            # so the GPU never idles while the host sets a batch up
+            if pending is not None:
+                out[pending[0]] = pending[1].cpu()
+                bar.update(len(pending[0]))
         try:
             with torch.no_grad():
                 for method, batch in runs:
-                    probs = self.probs(method(clean, corrupt, [conditions[i] for i in batch]))
-                    for row, i in enumerate(batch):
-                        out[i] = probs[row]
-                    bar.update(len(batch))
+                    probs = letter_probs(method(clean, corrupt, [conditions[i] for i in batch]), self.token_ids)
+                    collect()
+                    pending = (batch, probs)
+                collect()
         finally:
             self._memo = None               # the clean tables are large: kept for one sweep only
             bar.close()
