@@ -191,20 +191,12 @@ def top_kernels(fn: Callable[[], Any], top: int = 12) -> dict[str, Any] | None:
 
 
 def cuda_syncs(fn: Callable[[], Any]) -> int | None:
-    """How many synchronising CUDA calls one call of ``fn`` makes (``torch.cuda.set_sync_debug_mode``)."""
+    """How many synchronising CUDA calls one call of ``fn`` makes (`nnsight_av.testing.cuda_sync_calls`)."""
     if not torch.cuda.is_available():
         return None
-    import warnings
+    from nnsight_av.testing import cuda_sync_calls
 
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return len(cuda_sync_calls(fn))
 
 
 def parser(description: str) -> argparse.ArgumentParser:

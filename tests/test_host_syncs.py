@@ -15,7 +15,7 @@ from nnsight_av.adapters.base import PLAN_KEY
 from nnsight_av.adapters.media_plan import HOST_WORK, MediaPlan
 from nnsight_av.testing import synthetic_frames as frames
 from nnsight_av.testing import synthetic_tone as tone
-from nnsight_av.testing import watch_syncs
+from nnsight_av.testing import cuda_sync_calls, watch_syncs
 
 IMAGE = np.random.default_rng(0).integers(0, 255, (80, 60, 3)).astype(np.uint8)
 LAYOUTS = {
@@ -183,8 +183,6 @@ def test_generate_with_a_planned_input_matches_transformers(model, prepared):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: counts the synchronising CUDA calls")
 @pytest.mark.parametrize("layout", ["audio_in_video", "images_and_audio"])
 def test_gpu_trace_makes_no_synchronising_cuda_call(layout):
-    import warnings
-
     model = nav.testing.tiny_model(seed=0)
     model._module.to("cuda")
     ex = model.prepare(**LAYOUTS[layout]).to("cuda")
@@ -195,36 +193,17 @@ def test_gpu_trace_makes_no_synchronising_cuda_call(layout):
         return logits
 
     expected = trace()
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught, watch_syncs(device_only=True) as syncs:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            logits = trace()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    # torch warns once that the debug mode itself is a prototype: that warning is not a sync
-    cuda_syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()
-                  and "prototype feature" not in str(w.message)]
+    found = {}
+    with watch_syncs(device_only=True) as syncs:
+        cuda_syncs = cuda_sync_calls(lambda: found.setdefault("logits", trace()))
     assert not cuda_syncs and syncs.count == 0, (cuda_syncs[:3], syncs.summary())
-    assert torch.equal(logits, expected)
+    assert torch.equal(found["logits"], expected)
 
 
 def _cuda_sync_calls(fn):
-    """The synchronising CUDA calls ``fn()`` makes (``torch.cuda.set_sync_debug_mode``'s warnings), with
-    `watch_syncs`' summary of where they come from as the last entry."""
-    import warnings
-
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught, watch_syncs(device_only=True) as syncs:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    found = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()
-             and "prototype feature" not in str(w.message)]
+    """`cuda_sync_calls` of ``fn()``, with `watch_syncs`' summary of where they come from as the last entry."""
+    with watch_syncs(device_only=True) as syncs:
+        found = cuda_sync_calls(fn)
     return found + [syncs.summary()] if found else found
 
 

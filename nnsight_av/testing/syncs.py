@@ -32,7 +32,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["SyncEvent", "SyncLog", "watch_syncs"]
+__all__ = ["SyncEvent", "SyncLog", "watch_syncs", "cuda_sync_calls"]
 
 _aten = torch.ops.aten
 #: aten ops whose output (a Python scalar, or a shape) needs device data on the host. Under
@@ -260,3 +260,26 @@ def watch_syncs(device_only: bool = False, host: Iterable[torch.Tensor] = (),
     watcher = _Watcher(device_only, host, host_code)
     with _Dispatch(watcher), _Function(watcher):
         yield watcher.log
+
+
+def cuda_sync_calls(fn: Any) -> list[str]:
+    """The synchronising CUDA calls one call of ``fn()`` makes, as CUDA reports them; ``[]`` without CUDA.
+
+    The messages of ``torch.cuda.set_sync_debug_mode("warn")`` (the one-off notice that the mode
+    is a prototype is not a sync). Unlike `watch_syncs` this sees what the CUDA runtime itself
+    waits for (e.g. a copy from pageable host memory), but not where it came from.
+    """
+    if not torch.cuda.is_available():
+        return []
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()
+            and "prototype feature" not in str(w.message)]
