@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ClipRecord", "InvalidRecord", "DatasetCheck", "check_dataset", "read_dataset", "write_dataset",
            "build_prompt", "load_media_file", "check_media_file", "check_rates", "LETTERS", "DEFAULT_INSTRUCTION",
-           "MAX_FPS", "AUDIO_RATES", "MAX_PROMPT_CHARS"]
+           "MAX_FPS", "AUDIO_RATES", "MAX_PROMPT_CHARS", "record_id"]
 
 LETTERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 DEFAULT_INSTRUCTION = "Respond with one letter."
@@ -64,6 +64,21 @@ def build_prompt(question: str, names: Sequence[str], instruction: str = DEFAULT
     """
     lines = [question] + [f"{LETTERS[i]}. {name}" for i, name in enumerate(names)] + ([instruction] if instruction else [])
     return "\n".join(lines)
+
+
+def record_id(data: Any, index: int) -> tuple[str, str]:
+    """``(id, "record '<id>'")`` of one JSON record (``id`` defaults to its zero-padded index); `InputError`
+    when it is not an object or its id is not a non-empty string or int.
+
+    >>> record_id({"id": 7}, 0), record_id({}, 3)
+    (('7', "record '7'"), ('000003', "record '000003'"))
+    """
+    if not isinstance(data, Mapping):
+        raise InputError(f"record {index}: expected a JSON object, got {type(data).__name__}")
+    raw_id = data.get("id", f"{index:06d}")
+    if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool) or str(raw_id).strip() == "":
+        raise InputError(f"record {index}: 'id' must be a non-empty string or int, got {raw_id!r}")
+    return str(raw_id), f"record {str(raw_id)!r}"
 
 
 def _parse_options(value: Any, where: str) -> tuple[list[str], list[str] | None]:
@@ -244,13 +259,7 @@ class ClipRecord:
     def from_dict(cls, data: Mapping[str, Any], root: str | os.PathLike | None = None, index: int = 0
                   ) -> "ClipRecord":
         """Parse one JSON record (``video_path`` / ``audio_path`` / ``answer`` are accepted aliases)."""
-        if not isinstance(data, Mapping):
-            raise InputError(f"record {index}: expected a JSON object, got {type(data).__name__}")
-        raw_id = data.get("id", f"{index:06d}")
-        if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool) or str(raw_id).strip() == "":
-            raise InputError(f"record {index}: 'id' must be a non-empty string or int, got {raw_id!r}")
-        clip_id = str(raw_id)
-        where = f"record {clip_id!r}"
+        clip_id, where = record_id(data, index)
         letters, names = _parse_options(data.get("options"), where)
         if len(set(letters)) != len(letters):
             raise InputError(f"{where}: 'options' repeat a letter: {letters}")

@@ -35,7 +35,7 @@ from .asd import ASDConfig, asd_generate
 from .decoding import fmd_generate, greedy_generate, vcd_generate
 from .chair import ChairResult, Vocabulary, as_vocabulary, chair, example_vocabulary
 from .datasets import (MAX_PROMPT_CHARS, DatasetCheck, InvalidRecord, checked_files, check_media_file, check_rates, load_media_file,
-                       parse_record, read_rows)
+                       parse_record, read_rows, record_id)
 from .plots import plot_eval
 from .results import RecordsResult
 from .store import (OutputLock, append_jsonl, check_settings, model_identity, read_jsonl, remove_output, repair_tail)
@@ -70,13 +70,7 @@ class CaptionRecord:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], root: str | Path | None = None, index: int = 0) -> "CaptionRecord":
         """Parse and check one record (types, rates, object names); `InputError` naming the clip."""
-        if not isinstance(data, Mapping):
-            raise InputError(f"record {index}: expected a JSON object, got {type(data).__name__}")
-        raw_id = data.get("id", f"{index:06d}")
-        if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool) or str(raw_id).strip() == "":
-            raise InputError(f"record {index}: 'id' must be a non-empty string or int, got {raw_id!r}")
-        clip_id = str(raw_id)
-        where = f"record {clip_id!r}"
+        clip_id, where = record_id(data, index)
         objects = data.get("objects", data.get("ground_truth"))
         if objects is None:
             raise InputError(f"{where}: 'objects' (the ground-truth objects) is missing")

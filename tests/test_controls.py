@@ -211,7 +211,7 @@ def test_length_control_table(tiny, tmp_path):
     seq = table["sequence"].groupby(level=0).first()
     assert seq[4.0] > seq[2.0]
     # a 2 s clip is one chunk: its video tokens come before every audio token and cannot carry audio
-    assert table.loc[(2.0, "all"), "IE_clean"] == 0.0
+    assert abs(table.loc[(2.0, "all"), "IE_clean"]) < 1e-6       # zero up to the rounding of a batched run
     gaps = res.gaps()
     assert set(gaps["control"]) == {"random", "random_chunk"} and set(gaps["seconds"]) == {2.0, 4.0}
     assert "2 s" in res.report() and "4 s" in res.report() and res.summary().equals(table)
