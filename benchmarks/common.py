@@ -261,18 +261,33 @@ def gpu_timeline(fn: Callable[[], Any], marker: torch.nn.Module | None = None) -
     with tempfile.NamedTemporaryFile(suffix=".json") as handle:
         prof.export_chrome_trace(handle.name)
         events = json.load(open(handle.name))["traceEvents"]
-    launches = {e["args"]["correlation"]: e["ts"] + e.get("dur", 0) for e in events
-                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
-    device = [(launches.get(e["args"].get("correlation"), e["ts"]), e["ts"], e["ts"] + e.get("dur", 0))
-              for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    marks = [e["ts"] for e in events if e.get("name") == "nav:marker"]
+    device, mark, first_launch = device_activities(events)
     if not device:
         return None
-    mark = min(marks) if marks else None
     split = idle_split(device, mark)
     if mark is not None:
-        split["host_to_marker_ms"] = (mark - min(launches.values())) / 1000
+        split["host_to_marker_ms"] = (mark - first_launch) / 1000
     return split
+
+
+def device_activities(events: list[dict[str, Any]], marker: str = "nav:marker"
+                      ) -> tuple[list[tuple[float, float, float]], float | None, float | None]:
+    """``(queued, start, end)`` per device activity of a Chrome trace's ``traceEvents``, the first mark, the first launch.
+
+    A kernel, copy or memset is queued when the runtime call with its correlation id returns.
+
+    >>> events = [{"cat": "cuda_runtime", "ts": 1.0, "dur": 2.0, "args": {"correlation": 7}},
+    ...           {"cat": "user_annotation", "name": "nav:marker", "ts": 4.0},
+    ...           {"cat": "kernel", "ts": 5.0, "dur": 1.5, "args": {"correlation": 7}}]
+    >>> device_activities(events)
+    ([(3.0, 5.0, 6.5)], 4.0, 3.0)
+    """
+    launches = {e["args"]["correlation"]: e["ts"] + e.get("dur", 0) for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    device = [(launches.get(e.get("args", {}).get("correlation"), e["ts"]), e["ts"], e["ts"] + e.get("dur", 0))
+              for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    marks = [e["ts"] for e in events if e.get("name") == marker]
+    return device, (min(marks) if marks else None), (min(launches.values()) if launches else None)
 
 
 def host_to(fn: Callable[[], Any], module: torch.nn.Module, repeat: int = 10) -> float:

@@ -46,3 +46,36 @@ def test_host_bound_idle_is_split_at_the_marker(common):
 def test_overlapping_streams_count_once(common):
     split = common.idle_split([(0, 0, 10), (0, 5, 12), (0, 6, 8)])
     assert split["busy"] == pytest.approx(0.012) and split["device_gaps"] == 0
+
+
+def test_kernels_are_matched_to_their_launch_calls(common):
+    events = [{"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 10.0, "dur": 4.0, "args": {"correlation": 1}},
+              {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 20.0, "dur": 4.0, "args": {"correlation": 2}},
+              {"cat": "kernel", "ts": 30.0, "dur": 5.0, "args": {"correlation": 2}},
+              {"cat": "kernel", "ts": 15.0, "dur": 5.0, "args": {"correlation": 1}},
+              {"cat": "ac2g", "ts": 15.0, "args": {"correlation": 1}}]
+    device, mark, first = common.device_activities(events)
+    assert sorted(device) == [(14.0, 15.0, 20.0), (24.0, 30.0, 35.0)] and mark is None and first == 14.0
+    # The device ran dry at 20 and the second kernel was queued at 24: 4 µs waiting for the host, 6 launch.
+    split = common.idle_split(device)
+    assert split["host_bound_before"] == pytest.approx(0.004) and split["device_gaps"] == pytest.approx(0.006)
+
+
+def test_the_marker_lands_in_a_real_profiler_trace(common, tmp_path):
+    import json
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    layer = torch.nn.Linear(4, 4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with common.marked(layer):
+            layer(torch.ones(2, 4))
+        layer(torch.ones(2, 4))             # after the block: no second mark
+    path = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    device, mark, _ = common.device_activities(events)
+    assert device == [] and mark is not None
+    assert sum(e.get("name") == "nav:marker" for e in events) == 1
+    assert not layer._forward_pre_hooks
