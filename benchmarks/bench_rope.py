@@ -21,6 +21,13 @@ these, ``gpu`` is the GPU-busy time of one call from torch.profiler and
 ``wall_over_gpu_busy`` the goal's ratio (<= 1.15); ``cuda_syncs`` counts synchronising CUDA
 calls (``torch.cuda.set_sync_debug_mode``) and ``host_syncs`` what `nav.testing.watch_syncs`
 sees (on a CPU: the ops that would wait on a GPU), with the call sites of the first ones.
+
+Where the rest of the gap lies (issue 17 item 4): ``host_to_layer0_ms`` is when the host
+first enters decoder layer 0 (no profiler; the encoders and the embedding merge before it
+issue small kernels the device finishes at once), ``ops`` the aten ops (views excluded) per
+forward, and ``idle`` (CUDA) splits the device's idle time in one profiled call into
+``host_bound_before`` / ``host_bound_after`` layer 0 (it waited for the host to issue the next
+kernel) and ``device_gaps`` (the kernel was queued: the device's own launch latency).
 """
 
 from __future__ import annotations
@@ -35,7 +42,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import av_input, cuda_syncs, full_size_model, gpu_busy, interleaved, parser, report  # noqa: E402
+from common import (av_input, cuda_syncs, full_size_model, gpu_busy, gpu_timeline, host_to, interleaved,  # noqa: E402
+                    parser, report)
+
+from interventions.runtime.op_count import count_ops  # noqa: E402
 
 from nnsight_av.testing import watch_syncs  # noqa: E402
 
@@ -111,6 +121,15 @@ def main() -> None:
         measured = ("forward_cached", "forward_planned", "trace_unplanned", "trace_cached", "trace_default",
                     "trace_kv_cache")
         busy = {name: gpu_busy(calls[name]) for name in measured}
+        # Where the gap is: the host's time to reach the first decoder layer (the encoders and the
+        # embedding merge issue small kernels the device finishes at once), and the device's idle
+        # split into host-bound (before / after that layer) and its own launch latency.
+        first_layer = model.raw("layer", 0)
+        run["host_to_layer0_ms"] = {name: host_to(calls[name], first_layer, args.repeat) for name in measured}
+        run["ops"] = {name: sum(count_ops(calls[name]).values()) for name in ("forward_planned", "trace_cached")}
+        timeline = {name: gpu_timeline(calls[name], first_layer) for name in measured}
+        if all(timeline.values()):
+            run["idle"] = timeline
         if all(busy.values()):
             run["gpu"] = busy
             run["wall_over_gpu_busy"] = {name: wall[name]["ms"] / busy[name]["busy_ms"] for name in measured}
@@ -133,6 +152,10 @@ def main() -> None:
         for name, ratio in run.get("wall_over_gpu_busy", {}).items():
             print(f"  {name}: wall {run['wall'][name]['ms']:.1f} ms / GPU busy {run['gpu'][name]['busy_ms']:.1f} ms "
                   f"= {ratio:.2f} (goal <= 1.15)")
+        for name, idle in run.get("idle", {}).items():
+            print(f"  {name}: host reaches layer 0 at {run['host_to_layer0_ms'][name]:.1f} ms; device idle waiting for "
+                  f"the host {idle['host_bound_before']:.1f} ms before layer 0, {idle['host_bound_after']:.1f} after; "
+                  f"launch gaps {idle['device_gaps']:.1f} ms over {idle['count']} kernels")
 
 
 if __name__ == "__main__":

@@ -190,6 +190,128 @@ def top_kernels(fn: Callable[[], Any], top: int = 12) -> dict[str, Any] | None:
             "top": [{"name": k, "ms": round(v[0], 3), "calls": v[1]} for k, v in ranked[:top]]}
 
 
+def idle_split(activities: list[tuple[float, float, float]], marker: float | None = None) -> dict[str, float]:
+    """Where the device waited between its kernels, from ``(queued, start, end)`` per device activity (µs).
+
+    ``queued``: when the host's launch call returned. A gap before a kernel that was queued only
+    after the device ran dry is host-bound (the device waited for the host to issue it); the rest of
+    a gap, and every gap before a kernel queued in time, is the device's own launch latency.
+    ``marker`` (a host time) splits the host-bound idle into before and after it (e.g. the
+    decoder's first layer). Returns ms: ``busy``, ``host_bound_before``, ``host_bound_after``,
+    ``device_gaps``, and ``count``.
+
+    >>> idle_split([(0, 1, 5), (3, 5, 9), (12, 13, 15)], marker=10)
+    {'busy': 0.01, 'host_bound_before': 0.0, 'host_bound_after': 0.003, 'device_gaps': 0.001, 'count': 3}
+    """
+    order = sorted(activities, key=lambda a: a[1])
+    busy = before = after = device = 0.0
+    frontier = None                                    # end of the device's work so far
+    for queued, start, end in order:
+        if frontier is None or start >= frontier:
+            if frontier is not None:
+                gap = start - frontier
+                waited = min(gap, max(0.0, queued - frontier))
+                if marker is not None and queued >= marker:
+                    after += waited
+                else:
+                    before += waited
+                device += gap - waited
+            busy += end - start
+            frontier = end
+        elif end > frontier:                           # overlaps the previous work (another stream)
+            busy += end - frontier
+            frontier = end
+    return {"busy": busy / 1000, "host_bound_before": before / 1000, "host_bound_after": after / 1000,
+            "device_gaps": device / 1000, "count": len(order)}
+
+
+@contextmanager
+def marked(module: torch.nn.Module, name: str = "nav:marker"):
+    """A profiler mark (``record_function(name)``) each time ``module`` is entered, while the block runs."""
+    from torch.profiler import record_function
+
+    def mark(*_: Any) -> None:
+        with record_function(name):
+            pass
+
+    handle = module.register_forward_pre_hook(mark)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def gpu_timeline(fn: Callable[[], Any], marker: torch.nn.Module | None = None) -> dict[str, float] | None:
+    """`idle_split` of one call of ``fn`` from a torch.profiler trace (None without CUDA).
+
+    ``marker``: a module whose first entry splits the host-bound idle (``host_bound_before``: the
+    device waited while the host issued everything before it). Also ``host_to_marker_ms``: when the
+    host reached it, from the first launch.
+    """
+    if not torch.cuda.is_available():
+        return None
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with marked(marker) if marker is not None else no_op():
+            fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as handle:
+        prof.export_chrome_trace(handle.name)
+        events = json.load(open(handle.name))["traceEvents"]
+    device, mark, first_launch = device_activities(events)
+    if not device:
+        return None
+    split = idle_split(device, mark)
+    if mark is not None:
+        split["host_to_marker_ms"] = (mark - first_launch) / 1000
+    return split
+
+
+def device_activities(events: list[dict[str, Any]], marker: str = "nav:marker"
+                      ) -> tuple[list[tuple[float, float, float]], float | None, float | None]:
+    """``(queued, start, end)`` per device activity of a Chrome trace's ``traceEvents``, the first mark, the first launch.
+
+    A kernel, copy or memset is queued when the runtime call with its correlation id returns.
+
+    >>> events = [{"cat": "cuda_runtime", "ts": 1.0, "dur": 2.0, "args": {"correlation": 7}},
+    ...           {"cat": "user_annotation", "name": "nav:marker", "ts": 4.0},
+    ...           {"cat": "kernel", "ts": 5.0, "dur": 1.5, "args": {"correlation": 7}}]
+    >>> device_activities(events)
+    ([(3.0, 5.0, 6.5)], 4.0, 3.0)
+    """
+    launches = {e["args"]["correlation"]: e["ts"] + e.get("dur", 0) for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    device = [(launches.get(e.get("args", {}).get("correlation"), e["ts"]), e["ts"], e["ts"] + e.get("dur", 0))
+              for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    marks = [e["ts"] for e in events if e.get("name") == marker]
+    return device, (min(marks) if marks else None), (min(launches.values()) if launches else None)
+
+
+def host_to(fn: Callable[[], Any], module: torch.nn.Module, repeat: int = 10) -> float:
+    """Median ms from the start of ``fn`` until the host first enters ``module`` (no profiler)."""
+    times: list[float] = []
+    reached: list[float] = []
+
+    def mark(*_: Any) -> None:
+        if not reached:
+            reached.append(time.perf_counter())
+
+    handle = module.register_forward_pre_hook(mark)
+    try:
+        for _ in range(repeat):
+            reached.clear()
+            start = time.perf_counter()
+            fn()
+            if reached:
+                times.append((reached[0] - start) * 1000)
+    finally:
+        handle.remove()
+    return float(np.median(times)) if times else float("nan")
+
+
 def cuda_syncs(fn: Callable[[], Any]) -> int | None:
     """How many synchronising CUDA calls one call of ``fn`` makes (`nnsight_av.testing.cuda_sync_calls`)."""
     if not torch.cuda.is_available():
@@ -215,6 +337,11 @@ def report(results: dict[str, Any], out: str | None) -> None:
     if out:
         with open(out, "w") as handle:
             handle.write(text)
+
+
+@contextmanager
+def no_op():
+    yield
 
 
 @contextmanager
