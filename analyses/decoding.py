@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
@@ -283,10 +283,9 @@ def vcd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
         return contrast.masked_fill(~plausible, float("-inf")).argmax()
 
     with torch.inference_mode(), applied(model, ex, interventions):     # both rows: the clean and noised runs
-        clean = dict(ex.data)
-        noisy = noised_features(clean, noise_step, seed, modalities, schedule)
-        batch = model.adapter.collate([clean, noisy], padding_side="right", pad_id=0)
-        prefill = decoder.prefill(decoder.data(batch))
+        noisy = noised_features(dict(ex.data), noise_step, seed, modalities, schedule)
+        # the noised copy keeps the clean input's token layout, so its media plan and positions too
+        prefill = decoder.prefill(decoder.data([ex, replace(ex, data=noisy)]))
         ids, finished, how = decode_loop(decoder, prefill, max_new_tokens, choose, 2, static, graph)
     sync_device(decoder.device)
     ms = (time.perf_counter() - start) * 1000
@@ -409,14 +408,13 @@ def fmd_generate(model: "AVModel", inputs: "AVInputs", max_new_tokens: int = 64,
     prepare_start = time.perf_counter()
     audio_only = blank_modality(model, ex, "video")
     video_only = blank_modality(model, ex, "audio")
-    batch = model.adapter.collate([audio_only.data, video_only.data], padding_side="right", pad_id=0)
     prepare_ms = (time.perf_counter() - prepare_start) * 1000
     start = time.perf_counter()
     with torch.inference_mode(), applied(model, ex, interventions):     # both branches (one layout)
         handle = decoder.layers[fork].register_forward_pre_hook(merge_states, with_kwargs=True)
         try:
             with decoder.hooked(hook):
-                prefill = decoder.prefill(decoder.data(batch))
+                prefill = decoder.prefill(decoder.data([audio_only, video_only]))
                 ids, finished, how = decode_loop(decoder, prefill, max_new_tokens, lambda lg: lg[0].argmax(), 2,
                                                  static, graph)
         finally:

@@ -317,3 +317,18 @@ def test_hooked_attention_refuses_sliding_windows():
         assert torch.allclose(out, ref.transpose(1, 2), atol=1e-6)
     finally:
         _ACTIVE.reset(token)
+
+
+@pytest.mark.parametrize("method", ["vcd", "fmd"])
+def test_two_row_prefills_carry_the_media_plan(tiny, av_example, monkeypatch, method):
+    """VCD's clean + noised rows and FMD's two blanked branches are prepared inputs with their media
+    plan and cached positions (a raw dict would make the prefill read device tensors on the host)."""
+    from interventions.runtime.decoder import Decoder
+    from nnsight_av.adapters.base import PLAN_KEY
+
+    seen = []
+    real = Decoder.prefill
+    monkeypatch.setattr(Decoder, "prefill", lambda self, data, *a, **k: (seen.append(data), real(self, data, *a, **k))[1])
+    (vcd_generate if method == "vcd" else fmd_generate)(tiny, av_example, max_new_tokens=2, static=False)
+    assert seen and all(PLAN_KEY in data and data["input_ids"].shape[0] == 2 for data in seen)
+    assert all(torch.is_tensor(data.get("position_ids")) for data in seen)
