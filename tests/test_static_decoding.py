@@ -197,7 +197,8 @@ def test_fused_layers_skip_a_layer_with_submodule_hooks(tiny, av_example):
     calls = []
     handle = decoder.layers[1].mlp.register_forward_hook(lambda *a: calls.append(1))
     try:
-        assert not fusable(decoder.layers[1]) and fusable(decoder.layers[0])
+        known = tiny.adapter.fused_decode_layers
+        assert not fusable(decoder.layers[1], known) and fusable(decoder.layers[0], known)
         with torch.inference_mode():
             prefill = decoder.prefill(decoder.data(av_example))
             calls.clear()
@@ -247,4 +248,21 @@ def test_transformers_output_capturing_hooks_keep_the_fused_path(tiny, av_exampl
         tiny.raw()(**av_example.data, output_attentions=True)
     attn = tiny.raw("layers")[0].self_attn
     assert attn._forward_hooks, "transformers installed no output-capturing hook (the test needs one)"
-    assert fusable(tiny.raw("layers")[0])
+    assert fusable(tiny.raw("layers")[0], tiny.adapter.fused_decode_layers)
+
+
+@pytest.mark.parametrize("model_type, fused_layers", [("salmonn_style", "all"), ("qwen3_omni_moe", "none")])
+def test_fused_layers_follow_the_adapters_declaration(model_type, fused_layers):
+    """Which layers run fused is the adapter's declaration (`Adapter.fused_decode_layers`), checked
+    against each layer's parts: the SALMONN-style Llama decoder fuses, bit-identically on the CPU;
+    Qwen3-Omni's MoE layers (q/k norms, experts) do not."""
+    model = nav.testing.tiny_model(model_type, seed=0)
+    ex = model.prepare(video=nav.testing.synthetic_frames(2.0, 2, 56), audio=nav.testing.synthetic_tone(2.0),
+                       text="What is making the sound?")
+    decoder = Decoder(model)
+    with torch.inference_mode():
+        prefill = decoder.prefill(decoder.data(ex))
+        fused, ids, logits = _static_logits(decoder, prefill, True)
+        plain, ids_plain, logits_plain = _static_logits(decoder, prefill, False)
+    assert fused == (model.num_layers if fused_layers == "all" else 0) and plain == 0
+    assert ids == ids_plain and torch.equal(logits, logits_plain)

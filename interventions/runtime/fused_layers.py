@@ -3,8 +3,9 @@
 Inside a CUDA graph a decode step costs the weight reads plus a few microseconds per kernel, and
 Hugging Face's layer launches ~45 of them for one token (RMSNorm in float32 as ~7 elementwise
 kernels, twice; rotary ~10; separate q/k/v projections; residual adds; SiLU and the product).
-`fused_decode_layers` swaps, for the duration of a block, the ``forward`` of each decoder layer it
-knows (Qwen2 / Qwen2.5-Omni: RMSNorm, q/k/v/o projections with rotary, SiLU-gated MLP, no q/k norms)
+`fused_decode_layers` swaps, for the duration of a block, the ``forward`` of each decoder layer whose
+class the model's adapter declares of this pattern (``Adapter.fused_decode_layers``: Qwen2 /
+Qwen2.5-Omni, Llama: RMSNorm, q/k/v/o projections with rotary, SiLU-gated MLP, no q/k norms)
 for one that computes the same thing from the same module weights with:
 
 - one q/k/v projection per layer: the three weights (and biases) concatenated once and cached
@@ -34,8 +35,6 @@ from .op_count import one_kernel
 
 __all__ = ["fused_decode_layers", "fusable", "rms_norm", "add_rms_norm", "rotary", "silu_mul"]
 
-#: Decoder-layer classes whose forward `fused_decode_layers` reproduces.
-KNOWN_LAYERS = ("Qwen2DecoderLayer", "Qwen2_5OmniDecoderLayer")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -96,9 +95,10 @@ def _ops(device: torch.device) -> dict[str, Callable]:
     return _COMPILED
 
 
-def fusable(layer: torch.nn.Module) -> bool:
-    """Whether `fused_decode_layers` can run ``layer`` (a known class in eval mode, the expected parts, no submodule hooks)."""
-    if type(layer).__name__ not in KNOWN_LAYERS or layer.training:
+def fusable(layer: torch.nn.Module, known: Sequence[str]) -> bool:
+    """Whether `fused_decode_layers` can run ``layer``: its class among ``known`` (the adapter's
+    ``fused_decode_layers``), eval mode, the expected parts, no submodule hooks."""
+    if type(layer).__name__ not in known or layer.training:
         return False
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     parts = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
@@ -181,23 +181,26 @@ def _forward(layer: torch.nn.Module, ops: dict[str, Callable]) -> Callable[..., 
 
 
 @contextmanager
-def fused_decode_layers(layers: Sequence[torch.nn.Module]) -> Iterator[int]:
+def fused_decode_layers(layers: Sequence[torch.nn.Module], known: Sequence[str]) -> Iterator[int]:
     """Within the block, every `fusable` layer of ``layers`` runs the fused forward; yields how many.
 
-    The layers' configs must route attention through a registered implementation (the static
-    decoder's `Decoder.hooked`); the layer's own hooks still run (only ``forward`` is swapped).
+    ``known``: the layer classes the model's adapter declares of this pattern
+    (`Adapter.fused_decode_layers`). The layers' configs must route attention through a
+    registered implementation (the static decoder's `Decoder.hooked`); the layer's own hooks
+    still run (only ``forward`` is swapped).
 
     >>> import nnsight_av as nav
-    >>> layers = nav.testing.tiny_model().raw("layers")
+    >>> model = nav.testing.tiny_model()
+    >>> layers = model.raw("layers")
     >>> before = vars(layers[0]).get("forward")
-    >>> with fused_decode_layers(layers) as count:
+    >>> with fused_decode_layers(layers, model.adapter.fused_decode_layers) as count:
     ...     swapped = vars(layers[0]).get("forward") is not before
     >>> count == len(layers), swapped, vars(layers[0]).get("forward") is before
     (True, True, True)
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    chosen = [layer for layer in layers if fusable(layer)
+    chosen = [layer for layer in layers if fusable(layer, known)
               and layer.self_attn.config._attn_implementation in ALL_ATTENTION_FUNCTIONS]
     # nnsight keeps its own wrapper as the instance's ``forward``: it is put back exactly, or every
     # later trace of the model would run past the envoys it waits on

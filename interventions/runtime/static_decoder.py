@@ -207,7 +207,8 @@ class StaticDecoder:
         self.ids[0] = first.reshape(())
         self.token.copy_(first.reshape(()).expand(self.batch))
         with self.decoder.hooked(GroupedDecodeAttention(self.decoder.attention)), \
-                (fused_decode_layers(self.decoder.layers) if self.fuse else nullcontext(0)) as fused:
+                (fused_decode_layers(self.decoder.layers, self.decoder.model.adapter.fused_decode_layers)
+                 if self.fuse else nullcontext(0)) as fused:
             self.fused = fused
             return self._loop(self._body(choose), state)
 

@@ -62,6 +62,10 @@ class Adapter:
         default_system: system prompt the checkpoint was trained with.
         processor_kwargs: defaults passed to the processor call.
         layout: how media spans are laid out ("chunked": per-2s video then audio).
+        fused_decode_layers: decoder-layer class names whose forward is the Qwen2 / Llama
+            pattern (RMSNorm before attention and MLP, q/k/v/o projections with rotary, no
+            q/k norms, a SiLU-gated MLP), which the static decode loop may run with fewer
+            kernels (`interventions.runtime.fused_layers`; each layer's parts are checked too).
     """
 
     name: ClassVar[str] = "base"
@@ -79,6 +83,7 @@ class Adapter:
     default_system: ClassVar[str | None] = None
     processor_kwargs: ClassVar[Mapping[str, Any]] = {}
     layout: ClassVar[str] = "chunked"
+    fused_decode_layers: ClassVar[tuple[str, ...]] = ()
     #: Name prefix of the attention-function call inside the attention module's source
     #: (nnsight ``.source``); its inputs are (module, query, key, value, attention_mask, ...)
     #: with query and key already rotated.

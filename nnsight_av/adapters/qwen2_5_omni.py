@@ -68,6 +68,7 @@ class Qwen25OmniAdapter(Adapter):
     name = "qwen2_5_omni"
     fallback_chat_template = CHATML_TEMPLATE
     model_types = ("qwen2_5_omni", "qwen2_5_omni_thinker")
+    fused_decode_layers = ("Qwen2_5OmniDecoderLayer", "Qwen2DecoderLayer")
     roles = {
         "embed": ("model.embed_tokens", "model.language_model.embed_tokens"),
         "layers": ("model.layers", "model.language_model.layers"),

@@ -24,6 +24,7 @@ class SalmonnStyleAdapter(Adapter):
 
     name = "salmonn_style"
     model_types = ("salmonn_style",)
+    fused_decode_layers = ("LlamaDecoderLayer",)
 
     # 1. Where each module role lives, as dotted paths from the root module.
     roles = {
