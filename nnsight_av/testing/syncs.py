@@ -268,6 +268,9 @@ def cuda_sync_calls(fn: Any) -> list[str]:
     The messages of ``torch.cuda.set_sync_debug_mode("warn")`` (the one-off notice that the mode
     is a prototype is not a sync). Unlike `watch_syncs` this sees what the CUDA runtime itself
     waits for (e.g. a copy from pageable host memory), but not where it came from.
+
+    >>> cuda_sync_calls(lambda: torch.ones(3) * 2)       # host work only: nothing waits for a GPU
+    []
     """
     if not torch.cuda.is_available():
         return []
